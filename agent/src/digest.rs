@@ -1,0 +1,340 @@
+//! Ordered hashing: the digest of the object, computed while its ranges land out of order.
+//!
+//! # Design
+//!
+//! A hash is a fold over the bytes in order, so only the contiguous prefix of the object can be
+//! hashed. One thread owns the hasher and advances its frontier (`hashed`) as far as the bytes
+//! on disk allow. Writers tell it about every block they write ([`HashFeed::written`]). While
+//! the memory window has room, they lend it the block itself, so a block at the frontier is
+//! hashed straight from the buffer it arrived in; a block that arrives ahead of the frontier is
+//! held until the frontier reaches it. When the window is full, the writer sends only a notice
+//! and the hasher later reads those bytes back from the file, which is then still in the page
+//! cache. Memory is therefore bounded by the window, whatever the object size and arrival order,
+//! and the common case (the frontier range streaming in) reads nothing back.
+//!
+//! Rejected: hashing each range separately (the declared digest is of the whole object, and a
+//! tree hash would need the control plane to declare one), holding every out-of-order range
+//! (memory grows with connections × chunk size), and hashing only after the transfer (a full
+//! second pass over the file, which is the tail this design removes).
+//!
+//! The hasher runs on its own OS thread, not on the async runtime: hashing is the one CPU-bound
+//! step, and it must not stall the tasks that keep connections flowing.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+
+use bytes::Bytes;
+use control_client::{Algorithm, Digest};
+use sha2::Digest as _;
+use tokio::sync::oneshot;
+
+use crate::transfer::plan::Progress;
+
+/// Largest read-back at once, when the frontier is on disk but not in memory.
+const READ_BACK_BLOCK: usize = 1 << 20;
+
+/// A running hash of one of the declared algorithms.
+#[derive(Clone)]
+pub enum Hasher {
+    Sha256(sha2::Sha256),
+    Sha512(sha2::Sha512),
+}
+
+impl std::fmt::Debug for Hasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self {
+            Hasher::Sha256(_) => "sha256",
+            Hasher::Sha512(_) => "sha512",
+        };
+        write!(f, "Hasher({name})")
+    }
+}
+
+impl Hasher {
+    pub fn new(algorithm: Algorithm) -> Self {
+        match algorithm {
+            Algorithm::Sha256 => Hasher::Sha256(sha2::Sha256::new()),
+            Algorithm::Sha512 => Hasher::Sha512(sha2::Sha512::new()),
+        }
+    }
+
+    pub fn update(&mut self, data: &[u8]) {
+        match self {
+            Hasher::Sha256(h) => h.update(data),
+            Hasher::Sha512(h) => h.update(data),
+        }
+    }
+
+    pub fn finish(self) -> Digest {
+        match self {
+            Hasher::Sha256(h) => Digest::from_bytes(Algorithm::Sha256, &h.finalize()),
+            Hasher::Sha512(h) => Digest::from_bytes(Algorithm::Sha512, &h.finalize()),
+        }
+    }
+}
+
+/// A block written to the ingest file, with its bytes when the window lent them.
+struct Piece {
+    offset: u64,
+    bytes: Option<Bytes>,
+}
+
+/// The writers' side of the ordered hasher.
+#[derive(Debug)]
+pub struct HashFeed {
+    tx: mpsc::Sender<Piece>,
+    held: Arc<AtomicU64>,
+    window: u64,
+}
+
+impl HashFeed {
+    /// Tells the hasher that `bytes` are on disk at `offset`. Never blocks.
+    pub fn written(&self, offset: u64, bytes: Bytes) {
+        let len = bytes.len() as u64;
+        let lend = self.held.fetch_add(len, Ordering::AcqRel) + len <= self.window;
+        let bytes = if lend {
+            Some(bytes)
+        } else {
+            self.held.fetch_sub(len, Ordering::AcqRel);
+            None
+        };
+        // A send fails only once the hasher has stopped; the bytes are on disk regardless.
+        let _ = self.tx.send(Piece { offset, bytes });
+    }
+}
+
+/// What the hasher did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hashed {
+    /// The digest, when the whole object was hashed; `None` when the writers stopped first.
+    pub digest: Option<Digest>,
+    /// Length of the hashed prefix.
+    pub hashed: u64,
+    /// Bytes read back from the file because they were not held in memory.
+    pub read_back: u64,
+}
+
+/// Starts the hasher thread for an object whose write progress `progress` records.
+pub fn spawn(
+    algorithm: Algorithm,
+    file: Arc<File>,
+    progress: Arc<Progress>,
+    window: u64,
+) -> (HashFeed, oneshot::Receiver<std::io::Result<Hashed>>) {
+    let (tx, rx) = mpsc::channel();
+    let held = Arc::new(AtomicU64::new(0));
+    let (done_tx, done_rx) = oneshot::channel();
+    let frontier = Frontier {
+        hasher: Hasher::new(algorithm),
+        hashed: 0,
+        read_back: 0,
+        pieces: BTreeMap::new(),
+        held: held.clone(),
+        file,
+        progress,
+        buffer: Vec::new(),
+    };
+    std::thread::Builder::new()
+        .name("blobstage-hash".into())
+        .spawn(move || {
+            let _ = done_tx.send(frontier.run(rx));
+        })
+        .expect("cannot start the hasher thread");
+    (HashFeed { tx, held, window }, done_rx)
+}
+
+struct Frontier {
+    hasher: Hasher,
+    hashed: u64,
+    read_back: u64,
+    /// Lent blocks ahead of the frontier, by offset.
+    pieces: BTreeMap<u64, Bytes>,
+    held: Arc<AtomicU64>,
+    file: Arc<File>,
+    progress: Arc<Progress>,
+    buffer: Vec<u8>,
+}
+
+impl Frontier {
+    fn run(mut self, rx: mpsc::Receiver<Piece>) -> std::io::Result<Hashed> {
+        let size = self.progress.plan().size();
+        loop {
+            self.advance()?;
+            if self.hashed == size {
+                return Ok(self.finish(true));
+            }
+            let Ok(piece) = rx.recv() else {
+                return Ok(self.finish(false));
+            };
+            self.accept(piece);
+            while let Ok(piece) = rx.try_recv() {
+                self.accept(piece);
+            }
+        }
+    }
+
+    fn accept(&mut self, piece: Piece) {
+        if let Some(bytes) = piece.bytes {
+            self.pieces.insert(piece.offset, bytes);
+        }
+    }
+
+    /// Hashes as far as the bytes on disk or in memory reach.
+    fn advance(&mut self) -> std::io::Result<()> {
+        loop {
+            self.drop_stale_pieces();
+            if let Some((&offset, _)) = self
+                .pieces
+                .first_key_value()
+                .filter(|(o, _)| **o <= self.hashed)
+            {
+                let bytes = self.pieces.remove(&offset).expect("first piece exists");
+                let skip = (self.hashed - offset) as usize;
+                self.hasher.update(&bytes[skip..]);
+                self.hashed += (bytes.len() - skip) as u64;
+                self.release(bytes.len());
+                continue;
+            }
+            let next_piece = self.pieces.first_key_value().map_or(u64::MAX, |(o, _)| *o);
+            let end = self
+                .progress
+                .written_end(self.hashed)
+                .min(next_piece)
+                .min(self.hashed + READ_BACK_BLOCK as u64);
+            if end == self.hashed {
+                return Ok(());
+            }
+            self.read_back_to(end)?;
+        }
+    }
+
+    /// Forgets lent blocks that the frontier already passed by reading them back.
+    fn drop_stale_pieces(&mut self) {
+        while let Some(entry) = self.pieces.first_entry() {
+            if *entry.key() + entry.get().len() as u64 > self.hashed {
+                return;
+            }
+            let len = entry.remove().len();
+            self.release(len);
+        }
+    }
+
+    fn read_back_to(&mut self, end: u64) -> std::io::Result<()> {
+        let len = (end - self.hashed) as usize;
+        self.buffer.resize(len, 0);
+        self.file.read_exact_at(&mut self.buffer, self.hashed)?;
+        self.hasher.update(&self.buffer);
+        self.hashed = end;
+        self.read_back += len as u64;
+        Ok(())
+    }
+
+    fn release(&self, len: usize) {
+        self.held.fetch_sub(len as u64, Ordering::AcqRel);
+    }
+
+    fn finish(self, complete: bool) -> Hashed {
+        let digest = complete.then(|| self.hasher.finish());
+        Hashed {
+            digest,
+            hashed: self.hashed,
+            read_back: self.read_back,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transfer::plan::RangePlan;
+    use proptest::prelude::*;
+
+    fn one_shot(algorithm: Algorithm, data: &[u8]) -> Digest {
+        let mut h = Hasher::new(algorithm);
+        h.update(data);
+        h.finish()
+    }
+
+    /// Writes `data` range by range in `order`, each range in pieces of `piece` bytes, telling
+    /// the hasher as a writer would, and returns what it computed.
+    fn hash_out_of_order(
+        data: &[u8],
+        chunk: u64,
+        order: &[usize],
+        piece: usize,
+        window: u64,
+    ) -> Hashed {
+        let file = Arc::new(tempfile::tempfile().unwrap());
+        let plan = RangePlan::new(data.len() as u64, chunk);
+        let progress = Arc::new(Progress::new(plan));
+        let (feed, done) = spawn(Algorithm::Sha256, file.clone(), progress.clone(), window);
+        for &index in order {
+            let range = plan.range(index);
+            for start in (range.start..range.end).step_by(piece) {
+                let end = (start + piece as u64).min(range.end);
+                let bytes = Bytes::copy_from_slice(&data[start as usize..end as usize]);
+                file.write_all_at(&bytes, start).unwrap();
+                progress.record(index, end - start);
+                feed.written(start, bytes);
+            }
+        }
+        drop(feed);
+        done.blocking_recv().unwrap().unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn any_arrival_order_gives_the_one_shot_digest(
+            data in proptest::collection::vec(any::<u8>(), 0..20_000),
+            chunk in 1u64..4_000,
+            piece in 1usize..1_500,
+            window in prop_oneof![Just(0u64), 1u64..5_000, Just(u64::MAX)],
+            seed in any::<u64>(),
+        ) {
+            let ranges = RangePlan::new(data.len() as u64, chunk).len();
+            let mut order: Vec<usize> = (0..ranges).collect();
+            // A seeded Fisher-Yates shuffle, so that proptest can shrink a failing order.
+            let mut state = seed | 1;
+            for i in (1..order.len()).rev() {
+                state ^= state << 13; state ^= state >> 7; state ^= state << 17;
+                order.swap(i, (state % (i as u64 + 1)) as usize);
+            }
+            let hashed = hash_out_of_order(&data, chunk, &order, piece, window);
+            prop_assert_eq!(hashed.digest, Some(one_shot(Algorithm::Sha256, &data)));
+            prop_assert_eq!(hashed.hashed, data.len() as u64);
+            if window == 0 {
+                prop_assert_eq!(hashed.read_back, data.len() as u64);
+            }
+        }
+    }
+
+    #[test]
+    fn in_order_arrival_within_the_window_reads_nothing_back() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7) as u8).collect();
+        let order: Vec<usize> = (0..10).collect();
+        let hashed = hash_out_of_order(&data, 10_000, &order, 4096, 1 << 20);
+        assert_eq!(hashed.read_back, 0);
+        assert_eq!(hashed.digest, Some(one_shot(Algorithm::Sha256, &data)));
+    }
+
+    #[test]
+    fn stops_without_a_digest_when_writers_stop_early() {
+        let data = vec![7u8; 10_000];
+        let hashed = hash_out_of_order(&data, 1_000, &[0, 1, 3], 500, 1 << 20);
+        assert_eq!(hashed.digest, None);
+        assert_eq!(hashed.hashed, 2_000);
+    }
+
+    #[test]
+    fn sha512_is_supported() {
+        let d = one_shot(Algorithm::Sha512, b"abc");
+        assert!(d.hex().starts_with("ddaf35a193617aba"));
+        assert_eq!(d.algorithm(), Algorithm::Sha512);
+    }
+}

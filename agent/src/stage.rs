@@ -1,0 +1,279 @@
+//! `artifact.pull_blob`: one registered artifact from the control plane to a verified blob.
+//!
+//! The order is the contract: resolve (nothing unregistered is pulled), gate on the
+//! registration, answer from the store if the blob is there (the source is not contacted),
+//! obtain credentials, open the source (its URI passes the node policy before any request),
+//! check the size, transfer while hashing, compare digests, publish. Whatever happens, exactly
+//! one event is reported for the pull, and the pull is not reported done before its event is
+//! recorded.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use control_client::{
+    Artifact, ArtifactId, ControlPlane, ControlPlaneError, Digest, Event, Intent, Operation,
+    Outcome, Requester,
+};
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::config::Config;
+use crate::policy::{Admission, Policy, PolicyError};
+use crate::source::{self, SourceError};
+use crate::store::{Store, StoreError};
+use crate::transfer::{Transfer, TransferError, TransferSettings};
+
+/// A pull that ended with a verified blob in the store.
+#[derive(Debug, Clone)]
+pub struct Staged {
+    pub path: PathBuf,
+    pub digest: Digest,
+    pub size: u64,
+    /// Bytes received from the source; 0 when the blob was already present.
+    pub bytes_transferred: u64,
+    pub outcome: Outcome,
+    pub elapsed: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StageError {
+    #[error(transparent)]
+    ControlPlane(#[from] ControlPlaneError),
+    #[error("{artifact} refused: {source}")]
+    Refused {
+        artifact: ArtifactId,
+        source: PolicyError,
+    },
+    #[error(transparent)]
+    Source(SourceError),
+    #[error("the source holds {actual} bytes but {registered} are registered")]
+    SizeMismatch { registered: u64, actual: u64 },
+    #[error("transfer failed")]
+    Transfer(#[from] TransferError),
+    #[error("digest mismatch: expected {expected}, got {actual}")]
+    DigestMismatch { expected: Digest, actual: Digest },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("staged {}, but the event could not be recorded", path.display())]
+    Unrecorded {
+        path: PathBuf,
+        #[source]
+        source: ControlPlaneError,
+    },
+}
+
+impl StageError {
+    /// The stable code printed as `error[code]` and sent in events.
+    pub fn code(&self) -> &'static str {
+        match self {
+            StageError::ControlPlane(e) => e.code(),
+            StageError::Refused { source, .. } => source.code(),
+            StageError::Source(e) => e.code(),
+            StageError::SizeMismatch { .. } => "size_mismatch",
+            StageError::Transfer(e) => e.code(),
+            StageError::DigestMismatch { .. } => "digest_mismatch",
+            StageError::Store(e) => e.code(),
+            StageError::Unrecorded { source, .. } => source.code(),
+        }
+    }
+
+    /// `refused` when the pull was not attempted, `failed` when it was tried and did not work.
+    pub fn outcome(&self) -> Outcome {
+        match self.code() {
+            "not_registered"
+            | "invalid_registration"
+            | "policy_denied"
+            | "artifact_revoked"
+            | "artifact_not_active"
+            | "artifact_quarantined"
+            | "trust_too_low"
+            | "channel_not_allowed"
+            | "source_not_allowed"
+            | "insecure_source"
+            | "unsupported_source"
+            | "invalid_source_uri" => Outcome::Refused,
+            _ => Outcome::Failed,
+        }
+    }
+}
+
+impl From<SourceError> for StageError {
+    fn from(e: SourceError) -> Self {
+        StageError::Source(e)
+    }
+}
+
+/// Everything a pull needs, built once per process.
+#[derive(Debug)]
+pub struct Stager {
+    config: Arc<Config>,
+    node_id: String,
+    control_plane: Arc<dyn ControlPlane>,
+    policy: Arc<Policy>,
+    store: Store,
+    http: reqwest::Client,
+}
+
+impl Stager {
+    pub fn new(
+        config: Arc<Config>,
+        control_plane: Arc<dyn ControlPlane>,
+        http: reqwest::Client,
+    ) -> Result<Self, StoreError> {
+        let store = Store::open(&config.state_dir)?;
+        Ok(Stager {
+            node_id: config.node_id(),
+            policy: Arc::new(Policy::new(config.policy.clone())),
+            config,
+            control_plane,
+            store,
+            http,
+        })
+    }
+
+    /// Stages `id` and records its event.
+    pub async fn pull(
+        &self,
+        id: &ArtifactId,
+        requester: Option<Requester>,
+    ) -> Result<Staged, StageError> {
+        let started = Instant::now();
+        let mut digest = None;
+        let span = info_span!("pull", artifact = %id);
+        let result = self.stage(id, started, &mut digest).instrument(span).await;
+
+        let mut event = match &result {
+            Ok(staged) => {
+                let mut e = Event::new(&self.node_id, Operation::PullBlob, staged.outcome);
+                e.bytes_transferred = staged.bytes_transferred;
+                e
+            }
+            Err(err) => {
+                let mut e = Event::new(&self.node_id, Operation::PullBlob, err.outcome());
+                e.error_code = Some(err.code().to_owned());
+                e
+            }
+        };
+        event.artifact_id = Some(id.clone());
+        event.digest = digest;
+        event.requested_by = requester;
+        let event = event.with_duration(started.elapsed());
+
+        match (
+            self.control_plane
+                .report(std::slice::from_ref(&event))
+                .await,
+            result,
+        ) {
+            (Ok(()), result) => result,
+            (Err(source), Ok(staged)) => Err(StageError::Unrecorded {
+                path: staged.path,
+                source,
+            }),
+            (Err(report), Err(err)) => {
+                warn!(artifact = %id, error = %report, "the event of this failed pull was not recorded");
+                Err(err)
+            }
+        }
+    }
+
+    async fn stage(
+        &self,
+        id: &ArtifactId,
+        started: Instant,
+        digest: &mut Option<Digest>,
+    ) -> Result<Staged, StageError> {
+        let artifact = self.control_plane.resolve(id).await?;
+        if artifact.id != *id {
+            let what = format!("asked for {id}, the answer is for {}", artifact.id);
+            return Err(ControlPlaneError::Malformed { what }.into());
+        }
+        *digest = Some(artifact.digest.clone());
+        let refused = |source| StageError::Refused {
+            artifact: id.clone(),
+            source,
+        };
+        if self.policy.check_artifact(&artifact).map_err(refused)? == Admission::AdmittedDeprecated
+        {
+            warn!("artifact is deprecated; staging it anyway");
+        }
+
+        if let Some((path, size)) = self.store.find(&artifact.digest)? {
+            info!(path = %path.display(), "already present");
+            return Ok(Staged {
+                path,
+                digest: artifact.digest,
+                size,
+                bytes_transferred: 0,
+                outcome: Outcome::AlreadyPresent,
+                elapsed: started.elapsed(),
+            });
+        }
+        self.transfer(artifact, started).await
+    }
+
+    async fn transfer(&self, artifact: Artifact, started: Instant) -> Result<Staged, StageError> {
+        let credential = self
+            .control_plane
+            .credentials(&artifact.id, Intent::Pull, &self.node_id)
+            .await?;
+        let source = source::open(
+            &artifact.source,
+            credential,
+            &self.config,
+            self.policy.clone(),
+            &self.http,
+        )
+        .map_err(|e| match e {
+            SourceError::Policy(source) => StageError::Refused {
+                artifact: artifact.id.clone(),
+                source,
+            },
+            other => StageError::Source(other),
+        })?;
+        let info = source.stat().await?;
+        if let Some(registered) = artifact.source.size_bytes.filter(|r| *r != info.size) {
+            return Err(StageError::SizeMismatch {
+                registered,
+                actual: info.size,
+            });
+        }
+
+        let store = self.store.clone();
+        let digest = artifact.digest.clone();
+        let size = info.size;
+        let ingest = tokio::task::spawn_blocking(move || store.create_ingest(&digest, size))
+            .await
+            .expect("ingest creation panicked")?;
+        let settings = TransferSettings::from(&self.config.transfer);
+        let transfer = Transfer::new(
+            source,
+            info,
+            ingest.file(),
+            artifact.digest.algorithm(),
+            settings,
+        );
+        let transferred = transfer.run().await?;
+        if transferred.digest != artifact.digest {
+            return Err(StageError::DigestMismatch {
+                expected: artifact.digest,
+                actual: transferred.digest,
+            });
+        }
+
+        let path = tokio::task::spawn_blocking(move || ingest.publish())
+            .await
+            .expect("publish panicked")?;
+        info!(path = %path.display(), bytes = transferred.bytes_received,
+            read_back = transferred.bytes_read_back, "staged");
+        Ok(Staged {
+            path,
+            digest: artifact.digest,
+            size,
+            bytes_transferred: transferred.bytes_received,
+            outcome: Outcome::Staged,
+            elapsed: started.elapsed(),
+        })
+    }
+}

@@ -1,0 +1,96 @@
+//! Typed client for the blobstage control plane.
+//!
+//! The control plane owns registration, source policy, credential issue and audit; a node only
+//! asks it. This crate holds the wire types of that conversation (artifact registrations,
+//! digests, credentials, events), the [`ControlPlane`] interface the agent talks through, and
+//! the file-backed implementation that lets the agent run with no platform around it.
+//!
+//! Every type that comes from the wire validates while it is parsed and fails closed: an unknown
+//! lifecycle, trust, kind or source type, or a digest that is missing, malformed or of an
+//! undeclared algorithm, is refused, never defaulted. This crate never depends on the agent.
+
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+#![warn(unreachable_pub, missing_debug_implementations)]
+
+mod artifact;
+mod credential;
+mod digest;
+mod event;
+mod file;
+
+use std::future::Future;
+use std::pin::Pin;
+
+pub use artifact::{
+    Artifact, ArtifactId, ArtifactKind, Channel, LifecycleState, PolicyDecision, SourceDescriptor,
+    SourcePolicy, SourceType, TrustState,
+};
+pub use credential::{Credential, Intent};
+pub use digest::{Algorithm, Digest, DigestError};
+pub use event::{Event, Operation, Outcome, Requester};
+pub use file::FileControlPlane;
+
+/// A boxed future, so that [`ControlPlane`] can be used as a trait object.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What the node asks of the control plane.
+///
+/// Implementations must be safe to share between concurrent transfers.
+pub trait ControlPlane: Send + Sync + std::fmt::Debug {
+    /// Looks up a registered artifact. An id the control plane does not know is
+    /// [`ControlPlaneError::NotRegistered`]; nothing unregistered is ever staged.
+    fn resolve<'a>(
+        &'a self,
+        id: &'a ArtifactId,
+    ) -> BoxFuture<'a, Result<Artifact, ControlPlaneError>>;
+
+    /// Issues credentials scoped to one artifact and one intent.
+    fn credentials<'a>(
+        &'a self,
+        id: &'a ArtifactId,
+        intent: Intent,
+        node_id: &'a str,
+    ) -> BoxFuture<'a, Result<Credential, ControlPlaneError>>;
+
+    /// Delivers events durably: when this returns `Ok`, the control plane holds them.
+    fn report<'a>(&'a self, events: &'a [Event]) -> BoxFuture<'a, Result<(), ControlPlaneError>>;
+}
+
+/// Why a control-plane call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ControlPlaneError {
+    /// The control plane does not know this artifact.
+    #[error("artifact {id} is not registered")]
+    NotRegistered { id: ArtifactId },
+
+    /// The registration exists but does not validate; it is refused, not guessed at.
+    #[error("registration of {id} is invalid: {reason}")]
+    InvalidRegistration { id: ArtifactId, reason: String },
+
+    /// The control plane could not be reached or read.
+    #[error("control plane unavailable: {what}")]
+    Unavailable {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The control plane answered, but not in the shape of the protocol.
+    #[error("control plane answered garbage: {what}")]
+    Malformed { what: String },
+}
+
+impl ControlPlaneError {
+    /// The stable machine code for this error, as printed in `error[...]` and sent in events.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ControlPlaneError::NotRegistered { .. } => "not_registered",
+            ControlPlaneError::InvalidRegistration { .. } => "invalid_registration",
+            ControlPlaneError::Unavailable { .. } | ControlPlaneError::Malformed { .. } => {
+                "control_plane_unavailable"
+            }
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! Shared helpers for the integration tests: each test file declares `mod support;`
+//! and uses only the pieces it needs, hence the crate-wide `dead_code` allowance.
+#![allow(dead_code)]
+
+pub mod origin;

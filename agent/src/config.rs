@@ -314,13 +314,9 @@ impl Config {
                     .into(),
             );
         }
-        if let Some(channels) = &self.policy.channels {
-            if let Some(e) = channels
-                .iter()
-                .find_map(|c| control_client::Channel::new(c.as_str()).err())
-            {
-                return invalid(format!("policy.channels: {e}"));
-            }
+        let mut channels = self.policy.channels.iter().flatten();
+        if let Some(e) = channels.find_map(|c| control_client::Channel::new(c.as_str()).err()) {
+            return invalid(format!("policy.channels: {e}"));
         }
         self.policy.allow.iter().try_for_each(AllowEntry::validate)
     }
@@ -439,7 +435,10 @@ impl fmt::Display for ByteSize {
             ("MiB", 1 << 20),
             ("KiB", 1 << 10),
         ];
-        match UNITS.iter().find(|(_, m)| self.0 >= *m && self.0 % m == 0) {
+        match UNITS
+            .iter()
+            .find(|(_, m)| self.0 >= *m && self.0.is_multiple_of(*m))
+        {
             Some((unit, m)) => write!(f, "{}{unit}", self.0 / m),
             None => write!(f, "{}B", self.0),
         }

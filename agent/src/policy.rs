@@ -97,21 +97,19 @@ impl Policy {
             return Err(PolicyError::Quarantined);
         }
         let channel = artifact.channel.as_str();
-        if let Some(channels) = &self.config.channels {
-            if !channels.iter().any(|c| c == channel) {
-                return Err(PolicyError::ChannelNotAllowed {
-                    channel: channel.to_owned(),
-                });
-            }
+        let listed = self.config.channels.as_ref();
+        if listed.is_some_and(|channels| !channels.iter().any(|c| c == channel)) {
+            return Err(PolicyError::ChannelNotAllowed {
+                channel: channel.to_owned(),
+            });
         }
-        if let Some(need) = self.config.min_trust.get(channel) {
-            if artifact.trust_state < *need {
-                return Err(PolicyError::TrustTooLow {
-                    have: artifact.trust_state.name(),
-                    need: need.name(),
-                    channel: channel.to_owned(),
-                });
-            }
+        let need = self.config.min_trust.get(channel);
+        if let Some(need) = need.filter(|need| artifact.trust_state < **need) {
+            return Err(PolicyError::TrustTooLow {
+                have: artifact.trust_state.name(),
+                need: need.name(),
+                channel: channel.to_owned(),
+            });
         }
         Ok(admission)
     }

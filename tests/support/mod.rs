@@ -2,4 +2,5 @@
 //! and uses only the pieces it needs, hence the crate-wide `dead_code` allowance.
 #![allow(dead_code)]
 
+pub mod agent;
 pub mod origin;

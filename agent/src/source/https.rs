@@ -175,7 +175,7 @@ impl Source for HttpsSource {
             let validator = validator(headers);
             let info = match response.status() {
                 StatusCode::PARTIAL_CONTENT => {
-                    let (_, total) = content_range(headers, &uri)?;
+                    let total = content_range(headers, &uri)?.total;
                     let size =
                         total.ok_or_else(|| protocol(&uri, "Content-Range has no total size"))?;
                     ObjectInfo {
@@ -195,7 +195,10 @@ impl Source for HttpsSource {
                     }
                 }
                 StatusCode::RANGE_NOT_SATISFIABLE => match content_range(headers, &uri)? {
-                    (None, Some(0)) => ObjectInfo {
+                    ContentRange {
+                        span: None,
+                        total: Some(0),
+                    } => ObjectInfo {
                         size: 0,
                         validator,
                         ranges: true,
@@ -248,8 +251,12 @@ fn check_answer(
     let whole = 0..pinned.size;
     match (response.status(), range) {
         (StatusCode::PARTIAL_CONTENT, Some(range)) => {
-            let (got, total) = content_range(headers, uri)?;
-            if got != Some((range.start, range.end - 1)) || total != Some(pinned.size) {
+            let got = content_range(headers, uri)?;
+            let asked = ContentRange {
+                span: Some((range.start, range.end - 1)),
+                total: Some(pinned.size),
+            };
+            if got != asked {
                 return Err(protocol(
                     uri,
                     "Content-Range does not match the range asked for",
@@ -333,11 +340,15 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
-/// Parses `Content-Range: bytes first-last/total` (either side may be `*`).
-fn content_range(
-    headers: &HeaderMap,
-    uri: &Redacted,
-) -> Result<(Option<(u64, u64)>, Option<u64>), SourceError> {
+/// A parsed `Content-Range: bytes first-last/total`; either side may be `*` (`None`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ContentRange {
+    /// First and last byte, inclusive.
+    span: Option<(u64, u64)>,
+    total: Option<u64>,
+}
+
+fn content_range(headers: &HeaderMap, uri: &Redacted) -> Result<ContentRange, SourceError> {
     let value = headers
         .get(header::CONTENT_RANGE)
         .and_then(|v| v.to_str().ok())
@@ -345,7 +356,7 @@ fn content_range(
     parse_content_range(value).ok_or_else(|| protocol(uri, "Content-Range is malformed"))
 }
 
-pub(crate) fn parse_content_range(value: &str) -> Option<(Option<(u64, u64)>, Option<u64>)> {
+pub(crate) fn parse_content_range(value: &str) -> Option<ContentRange> {
     let rest = value.trim().strip_prefix("bytes ")?;
     let (span, total) = rest.split_once('/')?;
     let total = match total {
@@ -363,7 +374,7 @@ pub(crate) fn parse_content_range(value: &str) -> Option<(Option<(u64, u64)>, Op
             Some((first, last))
         }
     };
-    Some((span, total))
+    Some(ContentRange { span, total })
 }
 
 fn protocol(uri: &Redacted, reason: &str) -> SourceError {
@@ -440,7 +451,7 @@ mod tests {
             let last = first + len - 1;
             let total = last + 1 + extra;
             let parsed = parse_content_range(&format!("bytes {first}-{last}/{total}"));
-            prop_assert_eq!(parsed, Some((Some((first, last)), Some(total))));
+            prop_assert_eq!(parsed, Some(ContentRange { span: Some((first, last)), total: Some(total) }));
         }
     }
 }

@@ -14,8 +14,8 @@ use std::os::unix::fs::PermissionsExt;
 use bytes::Bytes;
 use serde_json::{Value, json};
 use support::agent::{
-    CHUNK, ConfigOptions, Run, Setup, artifact, artifact_without_size, parse_range,
-    pseudo_random, sha256_hex,
+    CHUNK, ConfigOptions, Run, Setup, artifact, artifact_without_size, parse_range, pseudo_random,
+    sha256_hex,
 };
 use support::origin::{Fault, Logged, Origin};
 
@@ -54,7 +54,10 @@ fn assert_published(setup: &Setup, run: &Run, body: &[u8]) {
     assert_eq!(path, setup.blob_path(&hex));
     let on_disk = fs::read(&path).expect("read the published blob");
     assert!(on_disk == body, "published bytes differ from the origin's");
-    let mode = fs::metadata(&path).expect("blob metadata").permissions().mode();
+    let mode = fs::metadata(&path)
+        .expect("blob metadata")
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o444, "blob mode");
     assert!(setup.ingest_is_empty(), "ingest left behind");
 }
@@ -98,7 +101,10 @@ async fn multi_range_blob_is_staged_with_pinned_identity_ranges_in_parallel() {
         assert_eq!(request.accept_encoding.as_deref(), Some("identity"));
     }
     assert_ranges_tile(ranges(&gets), body.len() as u64);
-    assert!(origin.max_concurrent() > 1, "ranges were fetched one at a time");
+    assert!(
+        origin.max_concurrent() > 1,
+        "ranges were fetched one at a time"
+    );
 }
 
 /// Asserts that `spans` cover `0..size` exactly once, none longer than a chunk.
@@ -149,7 +155,11 @@ async fn an_already_staged_blob_is_answered_without_contacting_the_origin() {
     assert_eq!(second.staged_path(), first.staged_path());
     second.assert_event("already_present", None);
     assert_eq!(second.event()["bytes_transferred"], 0);
-    assert_eq!(origin.requests().len(), requests_before, "the origin was contacted");
+    assert_eq!(
+        origin.requests().len(),
+        requests_before,
+        "the origin was contacted"
+    );
     assert_eq!(fs::read(second.staged_path()).unwrap(), body);
 }
 
@@ -174,7 +184,13 @@ async fn a_redirect_within_the_allowlist_is_followed() {
     let body = pseudo_random(150_000, 18);
     origin.put("/blob", body.clone());
     let location = origin.url("/blob");
-    origin.set_fault("/r", Fault::Redirect { location, status: 302 });
+    origin.set_fault(
+        "/r",
+        Fault::Redirect {
+            location,
+            status: 302,
+        },
+    );
     setup.register(&[artifact("t/moved@1", &origin.url("/r"), &body)]);
 
     let run = setup.fetch("t/moved@1").await;
@@ -251,7 +267,10 @@ async fn a_stalled_connection_is_abandoned_and_its_range_resumed() {
     let planned = (body.len() as u64).div_ceil(CHUNK) as usize;
     let spans = ranges(&content_gets(&origin, "/blob"));
     assert!(spans.len() > planned, "no retry: {spans:?}");
-    assert!(spans.iter().any(|(first, _)| first % CHUNK == 10_000), "{spans:?}");
+    assert!(
+        spans.iter().any(|(first, _)| first % CHUNK == 10_000),
+        "{spans:?}"
+    );
 }
 
 // ---- verification ----------------------------------------------------------------------
@@ -267,8 +286,14 @@ async fn a_digest_mismatch_fails_and_publishes_nothing() {
     let run = setup.fetch("t/bad@1").await;
 
     let line = run.error("digest_mismatch");
-    assert!(line.contains(&format!("sha256:{}", sha256_hex(&served))), "{line}");
-    assert!(line.contains(&format!("sha256:{}", sha256_hex(&registered))), "{line}");
+    assert!(
+        line.contains(&format!("sha256:{}", sha256_hex(&served))),
+        "{line}"
+    );
+    assert!(
+        line.contains(&format!("sha256:{}", sha256_hex(&registered))),
+        "{line}"
+    );
     assert_nothing_published(&setup);
     run.assert_event("failed", Some("digest_mismatch"));
 }
@@ -331,9 +356,24 @@ async fn revoked_quarantined_inactive_and_denied_artifacts_are_refused() {
     origin.put("/blob", body.clone());
     let base = artifact("t/x@1", &origin.url("/blob"), &body);
     let cases = [
-        ("t/revoked@1", "lifecycle_state", json!("revoked"), "artifact_revoked"),
-        ("t/quarantined@1", "trust_state", json!("quarantined"), "artifact_quarantined"),
-        ("t/registered@1", "lifecycle_state", json!("registered"), "artifact_not_active"),
+        (
+            "t/revoked@1",
+            "lifecycle_state",
+            json!("revoked"),
+            "artifact_revoked",
+        ),
+        (
+            "t/quarantined@1",
+            "trust_state",
+            json!("quarantined"),
+            "artifact_quarantined",
+        ),
+        (
+            "t/registered@1",
+            "lifecycle_state",
+            json!("registered"),
+            "artifact_not_active",
+        ),
         (
             "t/denied@1",
             "source_policy",
@@ -343,7 +383,9 @@ async fn revoked_quarantined_inactive_and_denied_artifacts_are_refused() {
     ];
     let registrations: Vec<Value> = cases
         .iter()
-        .map(|(id, field, value, _)| with_fields(&base, &[("id", json!(id)), (field, value.clone())]))
+        .map(|(id, field, value, _)| {
+            with_fields(&base, &[("id", json!(id)), (field, value.clone())])
+        })
         .collect();
     setup.register(&registrations);
 
@@ -387,7 +429,13 @@ async fn a_redirect_off_the_allowlist_is_not_followed() {
     let body = pseudo_random(1000, 9);
     origin.put("/blob", body.clone());
     let location = format!("http://localhost:{}/blob", origin.addr().port());
-    origin.set_fault("/r", Fault::Redirect { location, status: 302 });
+    origin.set_fault(
+        "/r",
+        Fault::Redirect {
+            location,
+            status: 302,
+        },
+    );
     setup.register(&[artifact("t/away@1", &origin.url("/r"), &body)]);
 
     let run = setup.fetch("t/away@1").await;
@@ -422,9 +470,19 @@ async fn plain_http_without_insecure_http_is_refused() {
 async fn a_redirect_loop_ends_with_too_many_redirects() {
     let (setup, origin) = (Setup::new(), Origin::start().await);
     let location = origin.url("/loop");
-    origin.set_fault("/loop", Fault::Redirect { location, status: 302 });
+    origin.set_fault(
+        "/loop",
+        Fault::Redirect {
+            location,
+            status: 302,
+        },
+    );
     let hex = sha256_hex(b"never");
-    setup.register(&[artifact_without_size("t/loop@1", &origin.url("/loop"), &hex)]);
+    setup.register(&[artifact_without_size(
+        "t/loop@1",
+        &origin.url("/loop"),
+        &hex,
+    )]);
 
     let run = setup.fetch("t/loop@1").await;
 
@@ -451,7 +509,10 @@ async fn json_output_describes_the_staged_blob() {
     assert_eq!(staged["digest"], format!("sha256:{hex}"));
     assert_eq!(staged["size"], json!(body.len()));
     assert_eq!(staged["bytes_transferred"], json!(body.len()));
-    assert!(staged["seconds"].as_f64().is_some_and(|s| s >= 0.0), "{staged}");
+    assert!(
+        staged["seconds"].as_f64().is_some_and(|s| s >= 0.0),
+        "{staged}"
+    );
     assert_eq!(staged["outcome"], "staged");
 
     let again = parse_json_line(&setup.fetch_with(&["--json", "t/json@1"]).await);
@@ -465,7 +526,14 @@ fn parse_json_line(run: &Run) -> Value {
     assert_eq!(run.code, 0, "{run:#?}");
     assert_eq!(run.stdout.lines().count(), 1, "{run:#?}");
     let value: Value = serde_json::from_str(&run.stdout).expect("stdout is JSON");
-    let keys = ["path", "digest", "size", "bytes_transferred", "seconds", "outcome"];
+    let keys = [
+        "path",
+        "digest",
+        "size",
+        "bytes_transferred",
+        "seconds",
+        "outcome",
+    ];
     let object = value.as_object().expect("a JSON object");
     let mut found: Vec<&str> = object.keys().map(String::as_str).collect();
     found.sort_unstable();
@@ -492,7 +560,10 @@ async fn an_unknown_configuration_key_exits_64_before_anything_else() {
     assert!(run.events.is_empty(), "{run:#?}");
     assert!(!setup.events_path().exists(), "events log written");
     assert_eq!(origin.requests(), Vec::new());
-    assert!(!setup.state_dir().exists(), "state touched before the config was valid");
+    assert!(
+        !setup.state_dir().exists(),
+        "state touched before the config was valid"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

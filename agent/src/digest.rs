@@ -3,8 +3,11 @@
 //! # Design
 //!
 //! A hash is a fold over the bytes in order, so only the contiguous prefix of the object can be
-//! hashed. One thread owns the hasher and advances its frontier (`hashed`) as far as the bytes
-//! on disk allow. Writers tell it about every block they write ([`HashFeed::written`]). While
+//! hashed. One thread owns the hasher and advances its frontier (`hashed`) as far as the blocks
+//! it has heard of reach. Writers announce every block once, after writing it
+//! ([`HashFeed::written`]); the hasher learns of bytes only through these announcements, never
+//! by looking at shared progress, so it cannot race a writer into reading back a block that is
+//! about to be handed to it. While
 //! the memory window has room, they lend it the block itself, so a block at the frontier is
 //! hashed straight from the buffer it arrived in; a block that arrives ahead of the frontier is
 //! held until the frontier reaches it. When the window is full, the writer sends only a notice
@@ -32,10 +35,8 @@ use control_client::{Algorithm, Digest};
 use sha2::Digest as _;
 use tokio::sync::oneshot;
 
-use crate::transfer::plan::Progress;
-
 /// Largest read-back at once, when the frontier is on disk but not in memory.
-const READ_BACK_BLOCK: usize = 1 << 20;
+const READ_BACK_BLOCK: u64 = 1 << 20;
 
 /// A running hash of one of the declared algorithms.
 #[derive(Clone)]
@@ -80,6 +81,7 @@ impl Hasher {
 /// A block written to the ingest file, with its bytes when the window lent them.
 struct Piece {
     offset: u64,
+    len: u64,
     bytes: Option<Bytes>,
 }
 
@@ -103,7 +105,7 @@ impl HashFeed {
             None
         };
         // A send fails only once the hasher has stopped; the bytes are on disk regardless.
-        let _ = self.tx.send(Piece { offset, bytes });
+        let _ = self.tx.send(Piece { offset, len, bytes });
     }
 }
 
@@ -118,11 +120,11 @@ pub struct Hashed {
     pub read_back: u64,
 }
 
-/// Starts the hasher thread for an object whose write progress `progress` records.
+/// Starts the hasher thread for an object of `size` bytes being written to `file`.
 pub fn spawn(
     algorithm: Algorithm,
     file: Arc<File>,
-    progress: Arc<Progress>,
+    size: u64,
     window: u64,
 ) -> (HashFeed, oneshot::Receiver<std::io::Result<Hashed>>) {
     let (tx, rx) = mpsc::channel();
@@ -135,7 +137,7 @@ pub fn spawn(
         pieces: BTreeMap::new(),
         held: held.clone(),
         file,
-        progress,
+        size,
         buffer: Vec::new(),
     };
     std::thread::Builder::new()
@@ -147,24 +149,40 @@ pub fn spawn(
     (HashFeed { tx, held, window }, done_rx)
 }
 
+/// A block the hasher has heard of and not yet hashed.
+enum Block {
+    /// Lent by the writer: hashed from memory.
+    Lent(Bytes),
+    /// Only announced: this many bytes are read back from the file.
+    OnDisk(u64),
+}
+
+impl Block {
+    fn len(&self) -> u64 {
+        match self {
+            Block::Lent(bytes) => bytes.len() as u64,
+            Block::OnDisk(len) => *len,
+        }
+    }
+}
+
 struct Frontier {
     hasher: Hasher,
     hashed: u64,
     read_back: u64,
-    /// Lent blocks ahead of the frontier, by offset.
-    pieces: BTreeMap<u64, Bytes>,
+    /// Blocks announced and not yet hashed, by offset.
+    pieces: BTreeMap<u64, Block>,
     held: Arc<AtomicU64>,
     file: Arc<File>,
-    progress: Arc<Progress>,
+    size: u64,
     buffer: Vec<u8>,
 }
 
 impl Frontier {
     fn run(mut self, rx: mpsc::Receiver<Piece>) -> std::io::Result<Hashed> {
-        let size = self.progress.plan().size();
         loop {
             self.advance()?;
-            if self.hashed == size {
+            if self.hashed == self.size {
                 return Ok(self.finish(true));
             }
             let Ok(piece) = rx.recv() else {
@@ -178,49 +196,38 @@ impl Frontier {
     }
 
     fn accept(&mut self, piece: Piece) {
-        if let Some(bytes) = piece.bytes {
-            self.pieces.insert(piece.offset, bytes);
-        }
+        let block = match piece.bytes {
+            Some(bytes) => Block::Lent(bytes),
+            None => Block::OnDisk(piece.len),
+        };
+        self.pieces.insert(piece.offset, block);
     }
 
-    /// Hashes as far as the bytes on disk or in memory reach.
+    /// Hashes every block that continues the hashed prefix.
     fn advance(&mut self) -> std::io::Result<()> {
-        loop {
-            self.drop_stale_pieces();
-            if let Some((&offset, _)) = self
-                .pieces
-                .first_key_value()
-                .filter(|(o, _)| **o <= self.hashed)
-            {
-                let bytes = self.pieces.remove(&offset).expect("first piece exists");
-                let skip = (self.hashed - offset) as usize;
-                self.hasher.update(&bytes[skip..]);
-                self.hashed += (bytes.len() - skip) as u64;
-                self.release(bytes.len());
-                continue;
-            }
-            let next_piece = self.pieces.first_key_value().map_or(u64::MAX, |(o, _)| *o);
-            let end = self
-                .progress
-                .written_end(self.hashed)
-                .min(next_piece)
-                .min(self.hashed + READ_BACK_BLOCK as u64);
-            if end == self.hashed {
+        while let Some(entry) = self.pieces.first_entry() {
+            let (offset, end) = (*entry.key(), *entry.key() + entry.get().len());
+            if offset > self.hashed {
                 return Ok(());
             }
-            self.read_back_to(end)?;
-        }
-    }
-
-    /// Forgets lent blocks that the frontier already passed by reading them back.
-    fn drop_stale_pieces(&mut self) {
-        while let Some(entry) = self.pieces.first_entry() {
-            if *entry.key() + entry.get().len() as u64 > self.hashed {
-                return;
+            if end <= self.hashed {
+                let block = entry.remove();
+                self.release(block);
+                continue;
             }
-            let len = entry.remove().len();
-            self.release(len);
+            let lent = match entry.get() {
+                Block::Lent(bytes) => Some(bytes.slice((self.hashed - offset) as usize..)),
+                Block::OnDisk(_) => None,
+            };
+            match lent {
+                Some(bytes) => {
+                    self.hasher.update(&bytes);
+                    self.hashed = end;
+                }
+                None => self.read_back_to(end.min(self.hashed + READ_BACK_BLOCK))?,
+            }
         }
+        Ok(())
     }
 
     fn read_back_to(&mut self, end: u64) -> std::io::Result<()> {
@@ -233,8 +240,10 @@ impl Frontier {
         Ok(())
     }
 
-    fn release(&self, len: usize) {
-        self.held.fetch_sub(len as u64, Ordering::AcqRel);
+    fn release(&self, block: Block) {
+        if let Block::Lent(bytes) = block {
+            self.held.fetch_sub(bytes.len() as u64, Ordering::AcqRel);
+        }
     }
 
     fn finish(self, complete: bool) -> Hashed {
@@ -270,15 +279,13 @@ mod tests {
     ) -> Hashed {
         let file = Arc::new(tempfile::tempfile().unwrap());
         let plan = RangePlan::new(data.len() as u64, chunk);
-        let progress = Arc::new(Progress::new(plan));
-        let (feed, done) = spawn(Algorithm::Sha256, file.clone(), progress.clone(), window);
+        let (feed, done) = spawn(Algorithm::Sha256, file.clone(), plan.size(), window);
         for &index in order {
             let range = plan.range(index);
             for start in (range.start..range.end).step_by(piece) {
                 let end = (start + piece as u64).min(range.end);
                 let bytes = Bytes::copy_from_slice(&data[start as usize..end as usize]);
                 file.write_all_at(&bytes, start).unwrap();
-                progress.record(index, end - start);
                 feed.written(start, bytes);
             }
         }

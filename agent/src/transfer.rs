@@ -176,7 +176,7 @@ impl Transfer {
         let (feed, hashed) = digest::spawn(
             self.algorithm,
             self.file.clone(),
-            progress.clone(),
+            plan.size(),
             self.settings.hash_window,
         );
         let worker = Arc::new(Worker {

@@ -1,8 +1,9 @@
 //! Range planning and the record of what is on disk.
 //!
 //! An object of `size` bytes is cut into ranges of `chunk` bytes (the last one shorter). Each
-//! range is written front to back by one connection at a time, so what is durable in a range is
-//! always a prefix of it: one counter per range describes the whole file.
+//! range is written front to back by one connection at a time, so what is written of a range is
+//! always a prefix of it: one counter per range describes the whole file, and a retry of a range
+//! starts where its counter stands.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -80,15 +81,6 @@ impl Progress {
             "range {index} overfilled"
         );
     }
-
-    /// The end of the written bytes that follow `offset` without a gap, within its range.
-    pub fn written_end(&self, offset: u64) -> u64 {
-        if offset >= self.plan.size {
-            return offset;
-        }
-        let index = self.plan.index_of(offset);
-        (self.plan.range(index).start + self.written(index)).max(offset)
-    }
 }
 
 #[cfg(test)]
@@ -111,17 +103,6 @@ mod tests {
             }
             prop_assert_eq!(next, size);
             prop_assert_eq!(plan.is_empty(), plan.len() == 0);
-        }
-
-        #[test]
-        fn written_end_follows_each_range_prefix(size in 1u64..10_000, chunk in 1u64..3_000, fill in 0.0f64..1.0) {
-            let plan = RangePlan::new(size, chunk);
-            let progress = Progress::new(plan);
-            let first = plan.range(0);
-            let done = ((first.end - first.start) as f64 * fill) as u64;
-            progress.record(0, done);
-            prop_assert_eq!(progress.written_end(0), done);
-            prop_assert_eq!(progress.written_end(size), size);
         }
     }
 

@@ -16,13 +16,16 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 use support::agent::{
     CHUNK, ConfigOptions, Run, Setup, artifact, artifact_without_size, parse_range, pseudo_random,
-    sha256_hex,
+    sha256_hex, sha512_hex,
 };
-use support::front::Front;
+use support::front::{Front, FrontOptions};
 use support::origin::{Fault, Logged, Origin};
 
 /// SHA-256 of the empty string.
 const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+/// The development bearer token of the credential tests.
+const TOKEN: &str = "s3cret-t0ken";
 
 /// A size that is not a multiple of the chunk size and spans many ranges.
 const MULTI_RANGE_SIZE: usize = (1 << 20) + 12_345;
@@ -49,7 +52,13 @@ fn ranges(gets: &[Logged]) -> Vec<(u64, u64)> {
         .collect()
 }
 
-/// Asserts that a published blob holds `body`, is read-only, and is the only blob.
+/// A redirect to `location` with `status`.
+fn redirect(location: String, status: u16) -> Fault {
+    Fault::Redirect { location, status }
+}
+
+/// Asserts that the printed path is the blob of `body`, holds it, is read-only, and that
+/// the ingest area is clean.
 fn assert_published(setup: &Setup, run: &Run, body: &[u8]) {
     let hex = sha256_hex(body);
     let path = run.staged_path();
@@ -82,7 +91,7 @@ fn assert_nothing_published(setup: &Setup) {
 // ---- staging ---------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn multi_range_blob_is_staged_with_pinned_identity_ranges_in_parallel() {
+async fn multi_range_blob_is_staged_from_pinned_identity_ranges() {
     let (setup, origin) = (Setup::new(), Origin::start().await);
     let body = pseudo_random(MULTI_RANGE_SIZE, 1);
     publish(&setup, &origin, "t/multi@1", "/blob", &body);
@@ -103,10 +112,6 @@ async fn multi_range_blob_is_staged_with_pinned_identity_ranges_in_parallel() {
         assert_eq!(request.accept_encoding.as_deref(), Some("identity"));
     }
     assert_ranges_tile(ranges(&gets), body.len() as u64);
-    assert!(
-        origin.max_concurrent() > 1,
-        "ranges were fetched one at a time"
-    );
 }
 
 /// Asserts that `spans` cover `0..size` exactly once, none longer than a chunk.
@@ -119,6 +124,29 @@ fn assert_ranges_tile(mut spans: Vec<(u64, u64)>, size: u64) {
         next = last + 1;
     }
     assert_eq!(next, size, "ranges do not reach the end: {spans:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranges_are_fetched_in_parallel_up_to_connections_per_blob() {
+    let (setup, origin) = (Setup::new(), Origin::start().await);
+    let front = Front::start(origin.addr(), held(Duration::from_millis(50))).await;
+    let body = pseudo_random(MULTI_RANGE_SIZE, 2);
+    origin.put("/blob", body.clone());
+    setup.register(&[artifact("t/parallel@1", &front.url("/blob"), &body)]);
+
+    let run = setup.fetch("t/parallel@1").await;
+
+    assert_published(&setup, &run, &body);
+    assert_staged_event(&run, "t/parallel@1", &body);
+    assert_eq!(front.max_concurrent(), 4, "connections_per_blob = 4");
+}
+
+/// A front that holds every request for `delay`, so parallel requests overlap visibly.
+fn held(delay: Duration) -> FrontOptions {
+    FrontOptions {
+        delay,
+        ..FrontOptions::default()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,7 +203,7 @@ async fn an_origin_that_ignores_range_is_read_as_one_stream() {
     let run = setup.fetch("t/whole@1").await;
 
     assert_published(&setup, &run, &body);
-    run.assert_event("staged", None);
+    assert_staged_event(&run, "t/whole@1", &body);
     let statuses: Vec<u16> = origin.requests().iter().map(|l| l.status).collect();
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
 }
@@ -186,13 +214,7 @@ async fn a_redirect_within_the_allowlist_is_followed() {
     let body = pseudo_random(150_000, 18);
     origin.put("/blob", body.clone());
     let location = origin.url("/blob");
-    origin.set_fault(
-        "/r",
-        Fault::Redirect {
-            location,
-            status: 302,
-        },
-    );
+    origin.set_fault("/r", redirect(location, 302));
     setup.register(&[artifact("t/moved@1", &origin.url("/r"), &body)]);
 
     let run = setup.fetch("t/moved@1").await;
@@ -230,8 +252,6 @@ async fn a_body_cut_short_resumes_after_the_bytes_already_received() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "agent bug: Stager::transfer sends the size/validator probe (HttpsSource::stat) once, \
-            without the retry loop ranges get, so a 503 on the first request fails the pull"]
 async fn a_503_with_retry_after_on_the_first_request_is_retried_and_the_blob_staged() {
     let (setup, origin) = (Setup::new(), Origin::start().await);
     let body = pseudo_random(200_000, 12);
@@ -255,7 +275,12 @@ async fn a_503_with_retry_after_on_the_first_request_is_retried_and_the_blob_sta
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_503_on_a_range_is_retried_no_sooner_than_retry_after() {
     let (setup, origin) = (Setup::new(), Origin::start().await);
-    let front = Front::start(origin.addr(), 1, "1").await;
+    let refusing = FrontOptions {
+        refusals: 1,
+        retry_after: Some("1".into()),
+        ..FrontOptions::default()
+    };
+    let front = Front::start(origin.addr(), refusing).await;
     let body = pseudo_random(300_000, 23);
     origin.put("/blob", body.clone());
     setup.register(&[artifact("t/busy-range@1", &front.url("/blob"), &body)]);
@@ -276,7 +301,7 @@ async fn a_503_on_a_range_is_retried_no_sooner_than_retry_after() {
     );
 }
 
-/// Whether stderr holds a warning before its last line (a success has no error line).
+/// Whether stderr holds a WARN-level log line.
 fn has_warning(run: &Run) -> bool {
     run.stderr.lines().any(|l| l.contains("WARN"))
 }
@@ -303,6 +328,11 @@ async fn a_stalled_connection_is_abandoned_and_its_range_resumed() {
     assert!(
         spans.iter().any(|(first, _)| first % CHUNK == 10_000),
         "{spans:?}"
+    );
+    // The other connections kept going while one was stalled.
+    assert!(
+        origin.max_concurrent() > 1,
+        "ranges waited for the stalled one"
     );
 }
 
@@ -462,13 +492,7 @@ async fn a_redirect_off_the_allowlist_is_not_followed() {
     let body = pseudo_random(1000, 9);
     origin.put("/blob", body.clone());
     let location = format!("http://localhost:{}/blob", origin.addr().port());
-    origin.set_fault(
-        "/r",
-        Fault::Redirect {
-            location,
-            status: 302,
-        },
-    );
+    origin.set_fault("/r", redirect(location, 302));
     setup.register(&[artifact("t/away@1", &origin.url("/r"), &body)]);
 
     let run = setup.fetch("t/away@1").await;
@@ -503,13 +527,7 @@ async fn plain_http_without_insecure_http_is_refused() {
 async fn a_redirect_loop_ends_with_too_many_redirects() {
     let (setup, origin) = (Setup::new(), Origin::start().await);
     let location = origin.url("/loop");
-    origin.set_fault(
-        "/loop",
-        Fault::Redirect {
-            location,
-            status: 302,
-        },
-    );
+    origin.set_fault("/loop", redirect(location, 302));
     let hex = sha256_hex(b"never");
     setup.register(&[artifact_without_size(
         "t/loop@1",
@@ -616,8 +634,10 @@ async fn an_unknown_environment_key_exits_64() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_environment_override_limits_connections_per_blob() {
     let (mut setup, origin) = (Setup::new(), Origin::start().await);
-    let body = pseudo_random(MULTI_RANGE_SIZE, 22);
-    publish(&setup, &origin, "t/env@1", "/blob", &body);
+    let front = Front::start(origin.addr(), held(Duration::from_millis(20))).await;
+    let body = pseudo_random(MULTI_RANGE_SIZE / 2, 22);
+    origin.put("/blob", body.clone());
+    setup.register(&[artifact("t/env@1", &front.url("/blob"), &body)]);
     setup.env("BLOBSTAGE_TRANSFER_CONNECTIONS_PER_BLOB", "1");
 
     let run = setup.fetch("t/env@1").await;
@@ -625,5 +645,269 @@ async fn an_environment_override_limits_connections_per_blob() {
     assert_published(&setup, &run, &body);
     assert_staged_event(&run, "t/env@1", &body);
     assert!(content_gets(&origin, "/blob").len() > 1);
+    assert_eq!(front.max_concurrent(), 1, "one connection per blob");
     assert_eq!(origin.max_concurrent(), 1);
+}
+
+// ---- more of the contract ----------------------------------------------------------------
+
+/// A registration of `body` at `uri` whose entry carries a development bearer token.
+fn with_bearer(id: &str, uri: &str, body: &[u8]) -> Value {
+    let mut registration = artifact(id, uri, body);
+    registration["credential"] = json!({"kind": "bearer", "token": TOKEN});
+    registration
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bearer_token_is_sent_on_every_request_to_the_registered_origin() {
+    let (setup, origin) = (Setup::new(), Origin::start().await);
+    let body = pseudo_random(200_000, 24);
+    origin.put("/blob", body.clone());
+    setup.register(&[with_bearer("t/private@1", &origin.url("/blob"), &body)]);
+
+    let run = setup.fetch("t/private@1").await;
+
+    assert_published(&setup, &run, &body);
+    let requests = origin.requests();
+    assert!(requests.len() > 1, "{requests:#?}");
+    let bearer = format!("Bearer {TOKEN}");
+    let authorized = |l: &Logged| l.authorization.as_deref() == Some(bearer.as_str());
+    assert!(requests.iter().all(authorized), "{requests:#?}");
+    assert_token_not_printed(&setup, &run);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bearer_token_is_not_sent_to_a_redirect_target_elsewhere() {
+    let (setup, registered) = (Setup::new(), Origin::start().await);
+    let elsewhere = Origin::start().await;
+    let body = pseudo_random(200_000, 25);
+    elsewhere.put("/blob", body.clone());
+    registered.set_fault("/r", redirect(elsewhere.url("/blob"), 307));
+    setup.register(&[with_bearer("t/moved@1", &registered.url("/r"), &body)]);
+
+    let run = setup.fetch("t/moved@1").await;
+
+    assert_published(&setup, &run, &body);
+    let hops = registered.requests();
+    let bearer = format!("Bearer {TOKEN}");
+    assert!(
+        hops.iter()
+            .all(|l| l.authorization.as_deref() == Some(bearer.as_str()))
+    );
+    let moved = elsewhere.requests();
+    assert!(moved.len() > 1, "{moved:#?}");
+    assert!(
+        moved.iter().all(|l| l.authorization.is_none()),
+        "token leaked: {moved:#?}"
+    );
+    assert_token_not_printed(&setup, &run);
+}
+
+/// Asserts the token appears neither in the output nor in the events.
+fn assert_token_not_printed(setup: &Setup, run: &Run) {
+    let printed = format!("{}{}{:?}", run.stdout, run.stderr, setup.all_events());
+    assert!(!printed.contains(TOKEN), "token printed: {printed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_content_range_other_than_asked_is_a_bad_source_response() {
+    let (setup, origin) = (Setup::new(), Origin::start().await);
+    let body = pseudo_random(300_000, 35);
+    publish(&setup, &origin, "t/shifted@1", "/blob", &body);
+    origin.set_fault("/blob", Fault::WrongContentRange);
+
+    let run = setup.fetch("t/shifted@1").await;
+
+    run.error("bad_source_response");
+    run.assert_event("failed", Some("bad_source_response"));
+    assert_nothing_published(&setup);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_object_is_source_not_found() {
+    let (setup, origin) = (Setup::new(), Origin::start().await);
+    let hex = sha256_hex(b"gone");
+    setup.register(&[artifact_without_size(
+        "t/gone@1",
+        &origin.url("/gone"),
+        &hex,
+    )]);
+
+    let run = setup.fetch_with(&["--json", "t/gone@1"]).await;
+
+    run.error("source_not_found");
+    run.assert_event("failed", Some("source_not_found"));
+    assert_nothing_published(&setup);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_that_keeps_failing_is_given_up_on_within_max_attempts() {
+    let (setup, origin) = (Setup::new(), Origin::start().await);
+    let body = pseudo_random(100_000, 26);
+    publish(&setup, &origin, "t/down@1", "/blob", &body);
+    let down = Fault::Status {
+        status: 500,
+        retry_after: None,
+        times: usize::MAX,
+    };
+    origin.set_fault("/blob", down);
+
+    let run = setup.fetch("t/down@1").await;
+
+    run.error("source_unavailable");
+    run.assert_event("failed", Some("source_unavailable"));
+    let gets = origin.get_count("/blob");
+    assert!((1..=4).contains(&gets), "{gets} GETs with max_attempts = 4");
+    assert_nothing_published(&setup);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deprecated_artifact_is_staged_with_a_warning() {
+    let (setup, origin) = (Setup::new(), Origin::start().await);
+    let body = pseudo_random(1000, 27);
+    origin.put("/blob", body.clone());
+    let mut registration = artifact("t/old@1", &origin.url("/blob"), &body);
+    registration["lifecycle_state"] = json!("deprecated");
+    setup.register(&[registration]);
+
+    let run = setup.fetch("t/old@1").await;
+
+    assert_published(&setup, &run, &body);
+    assert_staged_event(&run, "t/old@1", &body);
+    assert!(has_warning(&run), "no deprecation warning: {run:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_channel_and_trust_policy_refuse_before_any_request() {
+    let options = ConfigOptions {
+        extra: "[policy]\nchannels = ['dev']\nmin_trust = { dev = 'signed' }\n".into(),
+        ..ConfigOptions::default()
+    };
+    let (setup, origin) = (Setup::with(options), Origin::start().await);
+    let body = pseudo_random(1000, 28);
+    origin.put("/blob", body.clone());
+    let base = artifact("t/x@1", &origin.url("/blob"), &body);
+    setup.register(&[
+        with_fields(&base, &[("id", json!("t/prod@1"))]),
+        with_fields(
+            &base,
+            &[("id", json!("t/dev@1")), ("channel", json!("dev"))],
+        ),
+    ]);
+
+    let prod = setup.fetch("t/prod@1").await;
+    prod.error("channel_not_allowed");
+    prod.assert_event("refused", Some("channel_not_allowed"));
+    let dev = setup.fetch("t/dev@1").await;
+    dev.error("trust_too_low");
+    dev.assert_event("refused", Some("trust_too_low"));
+    assert_eq!(origin.requests(), Vec::new());
+    assert_nothing_published(&setup);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staged_blob_is_not_handed_out_once_its_artifact_is_revoked() {
+    let (setup, origin) = (Setup::new(), Origin::start().await);
+    let body = pseudo_random(1000, 29);
+    publish(&setup, &origin, "t/late@1", "/blob", &body);
+    let staged = setup.fetch("t/late@1").await;
+    assert_published(&setup, &staged, &body);
+    let mut revoked = artifact("t/late@1", &origin.url("/blob"), &body);
+    revoked["lifecycle_state"] = json!("revoked");
+    setup.register(&[revoked]);
+
+    let run = setup.fetch("t/late@1").await;
+
+    run.error("artifact_revoked");
+    run.assert_event("refused", Some("artifact_revoked"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sha512_registration_is_staged_under_its_algorithm() {
+    let (setup, origin) = (Setup::new(), Origin::start().await);
+    let body = pseudo_random(150_000, 30);
+    origin.put("/blob", body.clone());
+    let hex = sha512_hex(&body);
+    let mut registration = artifact("t/512@1", &origin.url("/blob"), &body);
+    registration["digest"] = json!(format!("sha512:{hex}"));
+    setup.register(&[registration]);
+
+    let run = setup.fetch("t/512@1").await;
+
+    let path = run.staged_path();
+    assert!(path.ends_with(format!("blobs/sha512/{hex}")), "{path:?}");
+    assert!(fs::read(&path).unwrap() == body);
+    run.assert_event("staged", None);
+    assert_eq!(run.event()["digest"], format!("sha512:{hex}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_registrations_are_refused_without_contact() {
+    let (setup, origin) = (Setup::new(), Origin::start().await);
+    let body = pseudo_random(1000, 31);
+    origin.put("/blob", body.clone());
+    let base = artifact("t/x@1", &origin.url("/blob"), &body);
+    let hex = sha256_hex(&body);
+    let cases = [
+        (
+            "t/upper@1",
+            "digest",
+            json!(format!("sha256:{}", hex.to_uppercase())),
+        ),
+        ("t/short@1", "digest", json!("sha256:abc")),
+        (
+            "t/md5@1",
+            "digest",
+            json!("md5:0123456789abcdef0123456789abcdef"),
+        ),
+        ("t/nodigest@1", "digest", Value::Null),
+        ("t/archived@1", "lifecycle_state", json!("archived")),
+        ("t/trusty@1", "trust_state", json!("very_trusted")),
+        ("t/maybe@1", "source_policy", json!({"decision": "maybe"})),
+    ];
+    let mut registrations: Vec<Value> = cases
+        .iter()
+        .map(|(id, field, value)| with_fields(&base, &[("id", json!(id)), (field, value.clone())]))
+        .collect();
+    let twice = with_fields(&base, &[("id", json!("t/twice@1"))]);
+    registrations.extend([twice.clone(), twice]);
+    setup.register(&registrations);
+
+    let ids = cases.iter().map(|(id, _, _)| *id).chain(["t/twice@1"]);
+    for id in ids {
+        let run = setup.fetch(id).await;
+        run.error("invalid_registration");
+        run.assert_event("refused", Some("invalid_registration"));
+    }
+    assert_eq!(origin.requests(), Vec::new());
+    assert_nothing_published(&setup);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hashing_from_disk_without_a_memory_window_verifies_the_same_blob() {
+    let (mut setup, origin) = (Setup::new(), Origin::start().await);
+    let body = pseudo_random(MULTI_RANGE_SIZE, 32);
+    publish(&setup, &origin, "t/window@1", "/blob", &body);
+    setup.env("BLOBSTAGE_TRANSFER_HASH_WINDOW", "0");
+
+    let run = setup.fetch("t/window@1").await;
+
+    assert_published(&setup, &run, &body);
+    assert_staged_event(&run, "t/window@1", &body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leftover_ingest_file_does_not_disturb_the_next_fetch() {
+    let (setup, origin) = (Setup::new(), Origin::start().await);
+    let body = pseudo_random(300_000, 33);
+    publish(&setup, &origin, "t/crashed@1", "/blob", &body);
+    let ingest = setup.state_dir().join("ingest");
+    fs::create_dir_all(&ingest).unwrap();
+    let leftover = ingest.join(format!("sha256-{}", sha256_hex(&body)));
+    fs::write(&leftover, pseudo_random(400_000, 34)).unwrap();
+
+    let run = setup.fetch("t/crashed@1").await;
+
+    assert_published(&setup, &run, &body);
+    assert_staged_event(&run, "t/crashed@1", &body);
 }

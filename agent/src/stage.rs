@@ -21,7 +21,7 @@ use crate::config::Config;
 use crate::policy::{Admission, Policy, PolicyError};
 use crate::source::{self, SourceError};
 use crate::store::{Store, StoreError};
-use crate::transfer::{Transfer, TransferError, TransferSettings};
+use crate::transfer::{self, Transfer, TransferError, TransferSettings};
 
 /// A pull that ended with a verified blob in the store.
 #[derive(Debug, Clone)]
@@ -232,7 +232,7 @@ impl Stager {
             },
             other => StageError::Source(other),
         })?;
-        let info = source.stat().await?;
+        let info = transfer::stat(source.as_ref(), self.config.transfer.max_attempts).await?;
         if let Some(registered) = artifact.source.size_bytes.filter(|r| *r != info.size) {
             return Err(StageError::SizeMismatch {
                 registered,

@@ -25,9 +25,7 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use bytes::BytesMut;
 use control_client::{Algorithm, Digest};
 use futures_util::StreamExt;
@@ -39,14 +37,13 @@ use crate::digest::{self, HashFeed};
 use crate::source::{ObjectInfo, Source, SourceError};
 
 pub mod plan;
+pub mod retry;
 
 use plan::{Progress, RangePlan};
+use retry::Retry;
 
 /// Bytes gathered from the network before one `pwrite`.
 pub const WRITE_BLOCK: usize = 1 << 20;
-
-/// The longest `Retry-After` honoured; an origin asking for more gets this.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
 /// The settings of one transfer.
 #[derive(Debug, Clone)]
@@ -104,6 +101,23 @@ impl TransferError {
     }
 }
 
+/// Learns the object's size and validator, retrying like any other request of the transfer.
+pub async fn stat(source: &dyn Source, max_attempts: u32) -> Result<ObjectInfo, SourceError> {
+    let mut retry = Retry::new(max_attempts);
+    loop {
+        let error = match source.stat().await {
+            Ok(info) => return Ok(info),
+            Err(e) => e,
+        };
+        let Some(delay) = retry.next_delay(&error) else {
+            return Err(error);
+        };
+        warn!(attempt = retry.attempt(), max = retry.max_attempts(), ?delay, %error,
+            "first request failed, retrying");
+        tokio::time::sleep(delay).await;
+    }
+}
+
 /// One object on its way from a source into an ingest file.
 #[derive(Debug)]
 pub struct Transfer {
@@ -152,21 +166,23 @@ impl Transfer {
 
     /// The whole object in one request, retried from the start: without ranges nothing resumes.
     async fn single_stream(&self) -> Result<Transferred, TransferError> {
-        let mut delays = backoff();
-        let mut attempt = 1;
+        let mut retry = Retry::new(self.settings.max_attempts);
         loop {
-            match self.attempt(RangePlan::whole(self.info.size), false).await {
-                Err(TransferError::Source { source, .. })
-                    if source.is_retryable() && attempt < self.settings.max_attempts =>
-                {
-                    let delay = retry_delay(&mut delays, &source);
-                    warn!(attempt, max = self.settings.max_attempts, ?delay, error = %source,
-                        "single-stream transfer failed, starting over");
-                    tokio::time::sleep(delay).await;
-                    attempt += 1;
-                }
+            let error = match self.attempt(RangePlan::whole(self.info.size), false).await {
+                Err(TransferError::Source { source, .. }) => source,
                 done => return done,
-            }
+            };
+            let Some(delay) = retry.next_delay(&error) else {
+                let range = 0..self.info.size;
+                return Err(TransferError::Source {
+                    range,
+                    attempts: retry.attempt(),
+                    source: error,
+                });
+            };
+            warn!(attempt = retry.attempt(), max = retry.max_attempts(), ?delay, %error,
+                "single-stream transfer failed, starting over");
+            tokio::time::sleep(delay).await;
         }
     }
 
@@ -249,28 +265,31 @@ impl Worker {
     /// Fetches range `index`, retrying from its first unwritten byte.
     async fn fetch_range(&self, index: usize) -> Result<(), TransferError> {
         let range = self.progress.plan().range(index);
-        let mut delays = backoff();
-        let mut attempt = 1;
+        let mut retry = Retry::new(self.max_attempts);
         loop {
             let from = range.start + self.progress.written(index);
-            debug!(index, from, to = range.end, attempt, "range request");
+            debug!(
+                index,
+                from,
+                to = range.end,
+                attempt = retry.attempt(),
+                "range request"
+            );
             let error = match self.fetch(index, from..range.end).await {
                 Ok(()) => return Ok(()),
                 Err(Fetch::Write(e)) => return Err(TransferError::Write(e)),
                 Err(Fetch::Source(e)) => e,
             };
-            if !error.is_retryable() || attempt >= self.max_attempts {
+            let Some(delay) = retry.next_delay(&error) else {
                 return Err(TransferError::Source {
                     range,
-                    attempts: attempt,
+                    attempts: retry.attempt(),
                     source: error,
                 });
-            }
-            let delay = retry_delay(&mut delays, &error);
-            warn!(?range, attempt, max = self.max_attempts, ?delay, error = %error,
+            };
+            warn!(?range, attempt = retry.attempt(), max = retry.max_attempts(), ?delay, %error,
                 "range failed, retrying");
             tokio::time::sleep(delay).await;
-            attempt += 1;
         }
     }
 
@@ -357,20 +376,4 @@ impl From<SourceError> for Fetch {
     fn from(e: SourceError) -> Self {
         Fetch::Source(e)
     }
-}
-
-fn backoff() -> impl Iterator<Item = Duration> {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(30))
-        .with_jitter()
-        .without_max_times()
-        .build()
-}
-
-/// The next backoff delay, or longer when the origin asked for it.
-fn retry_delay(delays: &mut impl Iterator<Item = Duration>, error: &SourceError) -> Duration {
-    let backoff = delays.next().unwrap_or(Duration::from_secs(30));
-    let asked = error.retry_after().unwrap_or_default().min(MAX_RETRY_AFTER);
-    backoff.max(asked)
 }

@@ -270,6 +270,12 @@ pub fn sha256_hex(data: &[u8]) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Lowercase hex SHA-512 of `data`.
+pub fn sha512_hex(data: &[u8]) -> String {
+    let digest = sha2::Sha512::digest(data);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// `len` deterministic pseudo-random bytes (xorshift64*), different for each `seed`.
 pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;

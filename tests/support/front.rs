@@ -1,21 +1,38 @@
-//! A refusing front for the loopback origin: a TCP relay on 127.0.0.1:0 that answers the
-//! first `refusals` ranged GETs (any `Range` but the `bytes=0-0` probe a fetch starts with)
-//! itself with `503 Service Unavailable` and a `Retry-After`, and relays everything else to
-//! the origin unchanged. It exists because the origin's `Fault::Status` counts every GET,
-//! the probe included, so it cannot make only a content range fail. Every request head it
-//! inspects is logged with its arrival time, which lets a test check how long a client
-//! waited before retrying. A relayed request is sent upstream with `Connection: close` and
-//! its connection ends with the answer, so every request arrives at the front on a fresh or
-//! refused-and-kept-alive connection, and none escapes inspection.
+//! A front for the loopback origin: a TCP relay on 127.0.0.1:0 between the agent and the
+//! origin, for what the origin's own knobs cannot show. It can answer the first `refusals`
+//! ranged GETs (any `Range` but the `bytes=0-0` probe a fetch starts with) itself with
+//! `503 Service Unavailable` and a `Retry-After` (the origin's `Fault::Status` counts every
+//! GET, the probe included, so it cannot make only a content range fail), and it can hold
+//! every relayed request for a `delay` before passing it on, so that requests the agent
+//! sends in parallel are visibly in flight together (the origin answers a 64 KiB range in
+//! well under a millisecond, too fast for its own concurrency count to be reliable).
+//!
+//! Every request head is logged with its arrival time. A relayed request goes upstream with
+//! `Connection: close`; its whole answer is read, then passed on, and the client connection
+//! ends with it. A refused one keeps its connection open. So every request reaches the front
+//! on a fresh or refused connection, and none escapes inspection. Answers are buffered whole:
+//! the front is meant for objects of a few MiB, and for answers that end.
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
+
+/// What the front does besides relaying.
+#[derive(Clone, Debug, Default)]
+pub struct FrontOptions {
+    /// How many ranged GETs to answer with 503 before relaying them.
+    pub refusals: usize,
+    /// The `Retry-After` value of those answers, if any.
+    pub retry_after: Option<String>,
+    /// How long to hold each relayed request before passing it on.
+    pub delay: Duration,
+}
 
 /// One request head the front inspected.
 #[derive(Clone, Debug)]
@@ -30,32 +47,44 @@ pub struct Seen {
 /// A running front; dropping it stops the accept loop and every relayed connection.
 pub struct Front {
     addr: SocketAddr,
-    state: Arc<Mutex<State>>,
+    shared: Arc<Shared>,
     accept: JoinHandle<()>,
 }
 
-struct State {
+struct Shared {
     upstream: SocketAddr,
+    delay: Duration,
+    retry_after: Option<String>,
+    state: Mutex<State>,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+}
+
+struct State {
     refusals: usize,
-    retry_after: String,
     seen: Vec<Seen>,
 }
 
 impl Front {
-    /// Starts a front relaying to `upstream` that refuses `refusals` ranged GETs.
-    pub async fn start(upstream: SocketAddr, refusals: usize, retry_after: &str) -> Front {
+    /// Starts a front relaying to `upstream`.
+    pub async fn start(upstream: SocketAddr, options: FrontOptions) -> Front {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind front");
         let addr = listener.local_addr().expect("front address");
-        let state = Arc::new(Mutex::new(State {
+        let shared = Arc::new(Shared {
             upstream,
-            refusals,
-            retry_after: retry_after.to_owned(),
-            seen: Vec::new(),
-        }));
-        let accept = tokio::spawn(accept_loop(listener, state.clone()));
+            delay: options.delay,
+            retry_after: options.retry_after,
+            state: Mutex::new(State {
+                refusals: options.refusals,
+                seen: Vec::new(),
+            }),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
+        });
+        let accept = tokio::spawn(accept_loop(listener, shared.clone()));
         Front {
             addr,
-            state,
+            shared,
             accept,
         }
     }
@@ -67,7 +96,14 @@ impl Front {
 
     /// Every request head inspected so far, in arrival order.
     pub fn seen(&self) -> Vec<Seen> {
-        lock(&self.state).seen.clone()
+        self.shared.lock().seen.clone()
+    }
+
+    /// Highest number of relayed requests in flight at once, each from the arrival of its
+    /// head until the origin's whole answer is in (before the client gets any of it), so
+    /// this never exceeds the number of requests the client really had outstanding.
+    pub fn max_concurrent(&self) -> usize {
+        self.shared.max_in_flight.load(Ordering::SeqCst)
     }
 }
 
@@ -77,34 +113,86 @@ impl Drop for Front {
     }
 }
 
-fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
-    state.lock().unwrap_or_else(PoisonError::into_inner)
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Logs `head` and returns the 503 to send if this request is refused.
+    fn decide(&self, head: &[u8]) -> Option<String> {
+        let text = String::from_utf8_lossy(head);
+        let method = text.split(' ').next().unwrap_or("").to_owned();
+        let range = header(&text, "range");
+        let mut state = self.lock();
+        let ranged = method == "GET" && range.as_deref().is_some_and(|r| r != "bytes=0-0");
+        let refused = ranged && state.refusals > 0;
+        if refused {
+            state.refusals -= 1;
+        }
+        let at = Instant::now();
+        state.seen.push(Seen {
+            at,
+            method,
+            range,
+            refused,
+        });
+        refused.then(|| self.refusal())
+    }
+
+    fn refusal(&self) -> String {
+        let retry_after = self.retry_after.as_ref();
+        let retry_after = retry_after.map_or(String::new(), |v| format!("Retry-After: {v}\r\n"));
+        format!("HTTP/1.1 503 Service Unavailable\r\n{retry_after}Content-Length: 0\r\n\r\n")
+    }
 }
 
-async fn accept_loop(listener: TcpListener, state: Arc<Mutex<State>>) {
+/// Counts a relayed request as in flight until dropped.
+struct Flight(Arc<Shared>);
+
+impl Flight {
+    fn enter(shared: &Arc<Shared>) -> Flight {
+        let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        shared.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        Flight(shared.clone())
+    }
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     let mut connections = JoinSet::new();
     while let Ok((stream, _)) = listener.accept().await {
         while connections.try_join_next().is_some() {}
-        connections.spawn(serve(stream, state.clone()));
+        connections.spawn(serve(stream, shared.clone()));
     }
 }
 
 /// Answers or relays the requests of one client connection.
-async fn serve(mut client: TcpStream, state: Arc<Mutex<State>>) -> io::Result<()> {
+async fn serve(mut client: TcpStream, shared: Arc<Shared>) -> io::Result<()> {
     let mut pending = Vec::new();
     loop {
         let Some(head) = read_head(&mut client, &mut pending).await? else {
             return Ok(());
         };
-        let (refusal, upstream) = decide(&state, &head);
-        if let Some(answer) = refusal {
+        if let Some(answer) = shared.decide(&head) {
             client.write_all(answer.as_bytes()).await?;
             continue;
         }
-        let mut origin = TcpStream::connect(upstream).await?;
+        let flight = Flight::enter(&shared);
+        tokio::time::sleep(shared.delay).await;
+        let mut origin = TcpStream::connect(shared.upstream).await?;
         origin.write_all(&closing(&head)).await?;
         origin.write_all(&pending).await?;
-        tokio::io::copy(&mut origin, &mut client).await?;
+        let mut answer = Vec::new();
+        origin.read_to_end(&mut answer).await?;
+        // Out of flight before the client sees a byte, so that a request the client sends
+        // once this answer is complete can never be counted as overlapping it.
+        drop(flight);
+        client.write_all(&answer).await?;
         return client.shutdown().await;
     }
 }
@@ -117,33 +205,6 @@ fn closing(head: &[u8]) -> Vec<u8> {
     let mut out: String = kept.map(|l| format!("{l}\r\n")).collect();
     out.push_str("Connection: close\r\n\r\n");
     out.into_bytes()
-}
-
-/// Logs `head` and returns the 503 to send, if this request is refused, and the upstream.
-fn decide(state: &Mutex<State>, head: &[u8]) -> (Option<String>, SocketAddr) {
-    let text = String::from_utf8_lossy(head);
-    let method = text.split(' ').next().unwrap_or("").to_owned();
-    let range = header(&text, "range");
-    let mut state = lock(state);
-    let ranged = method == "GET" && range.as_deref().is_some_and(|r| r != "bytes=0-0");
-    let refused = ranged && state.refusals > 0;
-    if refused {
-        state.refusals -= 1;
-    }
-    let at = Instant::now();
-    state.seen.push(Seen {
-        at,
-        method,
-        range,
-        refused,
-    });
-    let answer = refused.then(|| {
-        format!(
-            "HTTP/1.1 503 Service Unavailable\r\nRetry-After: {}\r\nContent-Length: 0\r\n\r\n",
-            state.retry_after
-        )
-    });
-    (answer, state.upstream)
 }
 
 /// Reads up to the end of the next request head; bytes after it stay in `pending`.
@@ -163,7 +224,7 @@ async fn read_head(client: &mut TcpStream, pending: &mut Vec<u8>) -> io::Result<
     }
 }
 
-/// The value of header `name` (lower case) in a request head.
+/// The value of header `name` in a request head, matched case-insensitively.
 fn header(head: &str, name: &str) -> Option<String> {
     head.lines().skip(1).find_map(|line| {
         let (field, value) = line.split_once(':')?;

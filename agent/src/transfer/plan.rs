@@ -102,7 +102,7 @@ mod tests {
                 next = r.end;
             }
             prop_assert_eq!(next, size);
-            prop_assert_eq!(plan.is_empty(), plan.len() == 0);
+            prop_assert_eq!(plan.is_empty(), size == 0);
         }
     }
 

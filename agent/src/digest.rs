@@ -7,13 +7,19 @@
 //! it has heard of reach. Writers announce every block once, after writing it
 //! ([`HashFeed::written`]); the hasher learns of bytes only through these announcements, never
 //! by looking at shared progress, so it cannot race a writer into reading back a block that is
-//! about to be handed to it. While
-//! the memory window has room, they lend it the block itself, so a block at the frontier is
-//! hashed straight from the buffer it arrived in; a block that arrives ahead of the frontier is
-//! held until the frontier reaches it. When the window is full, the writer sends only a notice
-//! and the hasher later reads those bytes back from the file, which is then still in the page
-//! cache. Memory is therefore bounded by the window, whatever the object size and arrival order,
-//! and the common case (the frontier range streaming in) reads nothing back.
+//! about to be handed to it. A writer lends the block itself when it lies within `window` bytes
+//! of the hashed prefix, which the hasher publishes as it advances: a block at the frontier is
+//! then hashed straight from the buffer it arrived in, and a block a little ahead is held until
+//! the frontier reaches it. A block further ahead is announced without its bytes, and the hasher
+//! reads it back from the file when the frontier gets there, while it is still in the page
+//! cache. Blocks never overlap and the hasher never passes one it has not consumed, so every
+//! lent block lies in `[hashed, hashed + window)`: memory is bounded by the window whatever the
+//! object size and arrival order.
+//!
+//! With `connections` ranges of `chunk_size` in flight, ranges beyond the window are read back:
+//! about `(connections - 1) / connections` of the object with the defaults. A read-back costs a
+//! copy from the page cache, a fraction of the cost of hashing the same bytes; holding every
+//! range in flight instead would cost `connections × chunk_size` of memory.
 //!
 //! Rejected: hashing each range separately (the declared digest is of the whole object, and a
 //! tree hash would need the control plane to declare one), holding every out-of-order range
@@ -89,7 +95,8 @@ struct Piece {
 #[derive(Debug)]
 pub struct HashFeed {
     tx: mpsc::Sender<Piece>,
-    held: Arc<AtomicU64>,
+    /// The hashed prefix, as the hasher last published it.
+    frontier: Arc<AtomicU64>,
     window: u64,
 }
 
@@ -97,13 +104,12 @@ impl HashFeed {
     /// Tells the hasher that `bytes` are on disk at `offset`. Never blocks.
     pub fn written(&self, offset: u64, bytes: Bytes) {
         let len = bytes.len() as u64;
-        let lend = self.held.fetch_add(len, Ordering::AcqRel) + len <= self.window;
-        let bytes = if lend {
-            Some(bytes)
-        } else {
-            self.held.fetch_sub(len, Ordering::AcqRel);
-            None
-        };
+        let lend = offset + len
+            <= self
+                .frontier
+                .load(Ordering::Acquire)
+                .saturating_add(self.window);
+        let bytes = lend.then_some(bytes);
         // A send fails only once the hasher has stopped; the bytes are on disk regardless.
         let _ = self.tx.send(Piece { offset, len, bytes });
     }
@@ -128,14 +134,14 @@ pub fn spawn(
     window: u64,
 ) -> (HashFeed, oneshot::Receiver<std::io::Result<Hashed>>) {
     let (tx, rx) = mpsc::channel();
-    let held = Arc::new(AtomicU64::new(0));
+    let frontier = Arc::new(AtomicU64::new(0));
     let (done_tx, done_rx) = oneshot::channel();
-    let frontier = Frontier {
+    let state = Frontier {
         hasher: Hasher::new(algorithm),
         hashed: 0,
         read_back: 0,
         pieces: BTreeMap::new(),
-        held: held.clone(),
+        frontier: frontier.clone(),
         file,
         size,
         buffer: Vec::new(),
@@ -143,10 +149,17 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("blobstage-hash".into())
         .spawn(move || {
-            let _ = done_tx.send(frontier.run(rx));
+            let _ = done_tx.send(state.run(rx));
         })
         .expect("cannot start the hasher thread");
-    (HashFeed { tx, held, window }, done_rx)
+    (
+        HashFeed {
+            tx,
+            frontier,
+            window,
+        },
+        done_rx,
+    )
 }
 
 /// A block the hasher has heard of and not yet hashed.
@@ -157,22 +170,13 @@ enum Block {
     OnDisk(u64),
 }
 
-impl Block {
-    fn len(&self) -> u64 {
-        match self {
-            Block::Lent(bytes) => bytes.len() as u64,
-            Block::OnDisk(len) => *len,
-        }
-    }
-}
-
 struct Frontier {
     hasher: Hasher,
     hashed: u64,
     read_back: u64,
     /// Blocks announced and not yet hashed, by offset.
     pieces: BTreeMap<u64, Block>,
-    held: Arc<AtomicU64>,
+    frontier: Arc<AtomicU64>,
     file: Arc<File>,
     size: u64,
     buffer: Vec<u8>,
@@ -203,47 +207,41 @@ impl Frontier {
         self.pieces.insert(piece.offset, block);
     }
 
-    /// Hashes every block that continues the hashed prefix.
+    /// Hashes every block that continues the hashed prefix, then publishes the new frontier.
     fn advance(&mut self) -> std::io::Result<()> {
         while let Some(entry) = self.pieces.first_entry() {
-            let (offset, end) = (*entry.key(), *entry.key() + entry.get().len());
-            if offset > self.hashed {
-                return Ok(());
+            let offset = *entry.key();
+            debug_assert!(
+                offset >= self.hashed,
+                "blocks never overlap the hashed prefix"
+            );
+            if offset != self.hashed {
+                break;
             }
-            if end <= self.hashed {
-                let block = entry.remove();
-                self.release(block);
-                continue;
-            }
-            let lent = match entry.get() {
-                Block::Lent(bytes) => Some(bytes.slice((self.hashed - offset) as usize..)),
-                Block::OnDisk(_) => None,
-            };
-            match lent {
-                Some(bytes) => {
+            match entry.remove() {
+                Block::Lent(bytes) => {
                     self.hasher.update(&bytes);
-                    self.hashed = end;
+                    self.hashed += bytes.len() as u64;
                 }
-                None => self.read_back_to(end.min(self.hashed + READ_BACK_BLOCK))?,
+                Block::OnDisk(len) => self.read_back(len)?,
             }
         }
+        self.frontier.store(self.hashed, Ordering::Release);
         Ok(())
     }
 
-    fn read_back_to(&mut self, end: u64) -> std::io::Result<()> {
-        let len = (end - self.hashed) as usize;
-        self.buffer.resize(len, 0);
-        self.file.read_exact_at(&mut self.buffer, self.hashed)?;
-        self.hasher.update(&self.buffer);
-        self.hashed = end;
-        self.read_back += len as u64;
-        Ok(())
-    }
-
-    fn release(&self, block: Block) {
-        if let Block::Lent(bytes) = block {
-            self.held.fetch_sub(bytes.len() as u64, Ordering::AcqRel);
+    /// Hashes the next `len` bytes from the file, a bounded buffer at a time.
+    fn read_back(&mut self, len: u64) -> std::io::Result<()> {
+        let end = self.hashed + len;
+        while self.hashed < end {
+            let step = (end - self.hashed).min(READ_BACK_BLOCK) as usize;
+            self.buffer.resize(step, 0);
+            self.file.read_exact_at(&mut self.buffer, self.hashed)?;
+            self.hasher.update(&self.buffer);
+            self.hashed += step as u64;
+            self.read_back += step as u64;
         }
+        Ok(())
     }
 
     fn finish(self, complete: bool) -> Hashed {

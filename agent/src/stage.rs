@@ -262,11 +262,19 @@ impl Stager {
             });
         }
 
+        let transferred_at = started.elapsed();
         let path = tokio::task::spawn_blocking(move || ingest.publish())
             .await
             .expect("publish panicked")?;
-        info!(path = %path.display(), bytes = transferred.bytes_received,
-            read_back = transferred.bytes_read_back, "staged");
+        info!(
+            path = %path.display(),
+            bytes = transferred.bytes_received,
+            read_back = transferred.bytes_read_back,
+            transfer_ms = transferred_at.as_millis(),
+            hash_tail_ms = transferred.hash_tail.as_millis(),
+            publish_ms = (started.elapsed() - transferred_at).as_millis(),
+            "staged"
+        );
         Ok(Staged {
             path,
             digest: artifact.digest,

@@ -25,6 +25,7 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use control_client::{Algorithm, Digest};
@@ -74,6 +75,9 @@ pub struct Transferred {
     pub bytes_received: u64,
     /// Bytes the hasher read back from the file because they were not held in memory.
     pub bytes_read_back: u64,
+    /// Time from the last byte written to the digest being ready: the hashing not overlapped
+    /// with the transfer.
+    pub hash_tail: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -222,6 +226,7 @@ impl Transfer {
                 Err(e) => std::panic::resume_unwind(e.into_panic()),
             }
         }
+        let written = Instant::now();
         let hashed = hashed
             .await
             .expect("the hasher thread reports before it ends");
@@ -233,6 +238,7 @@ impl Transfer {
             digest,
             bytes_received: self.received.load(Ordering::Relaxed),
             bytes_read_back: hashed.read_back,
+            hash_tail: written.elapsed(),
         })
     }
 }

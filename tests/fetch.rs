@@ -582,6 +582,8 @@ fn parse_json_line(run: &Run) -> Value {
         "digest",
         "size",
         "bytes_transferred",
+        "bytes_resumed",
+        "bytes_read_back",
         "seconds",
         "outcome",
     ];
@@ -910,4 +912,69 @@ async fn a_leftover_ingest_file_does_not_disturb_the_next_fetch() {
 
     assert_published(&setup, &run, &body);
     assert_staged_event(&run, "t/crashed@1", &body);
+}
+
+// ---- TLS -------------------------------------------------------------------------------
+
+/// A TLS origin serving `body` at `/blob`, registered as `id` on a node that has the
+/// origin's test CA in `ca.pem` and trusts it (`[sources.https] ca_file`) only if `trust`.
+async fn tls_node(trust: bool, id: &str, body: &[u8]) -> (Setup, Origin) {
+    let (origin, ca) = Origin::start_tls().await;
+    let setup = Setup::with(ConfigOptions::https(trust.then_some("ca.pem")));
+    setup.write_file("ca.pem", &ca.cert_pem);
+    publish(&setup, &origin, id, "/blob", body);
+    (setup, origin)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_is_staged_over_tls_with_a_configured_ca() {
+    let body = pseudo_random(300 * 1024, 36);
+    let (setup, origin) = tls_node(true, "t/tls@1", &body).await;
+    assert!(origin.url("/blob").starts_with("https://127.0.0.1:"));
+
+    let run = setup.fetch("t/tls@1").await;
+
+    assert_published(&setup, &run, &body);
+    assert_staged_event(&run, "t/tls@1", &body);
+    let gets = content_gets(&origin, "/blob");
+    assert!(gets.len() > 1, "several ranged GETs: {gets:#?}");
+    assert!(gets.iter().all(|g| g.status == 206), "{gets:#?}");
+    assert_ranges_tile(ranges(&gets), body.len() as u64);
+    assert_eq!(origin.failed_handshakes(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_untrusted_certificate_fails_without_contacting_past_the_handshake() {
+    let body = pseudo_random(300 * 1024, 37);
+    let (setup, origin) = tls_node(false, "t/untrusted@1", &body).await;
+
+    let run = setup.fetch("t/untrusted@1").await;
+
+    let line = run.error("source_unavailable");
+    assert!(
+        line.contains("certificate"),
+        "the cause is not shown: {line}"
+    );
+    run.assert_event("failed", Some("source_unavailable"));
+    assert!(origin.failed_handshakes() >= 1, "the agent never connected");
+    assert_eq!(origin.requests(), Vec::new());
+    assert_nothing_published(&setup);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_file_that_holds_no_certificate_is_a_configuration_error() {
+    let body = pseudo_random(1000, 38);
+    let (setup, origin) = tls_node(true, "t/badca@1", &body).await;
+    let broken_pem = "-----BEGIN CERTIFICATE-----\nAAAA\n";
+    for text in [broken_pem, "not a certificate\n", ""] {
+        setup.write_file("ca.pem", text);
+
+        let run = setup.fetch("t/badca@1").await;
+
+        run.failed_with(64, "config_invalid");
+        assert!(run.events.is_empty(), "{run:#?}");
+    }
+    assert_eq!(origin.failed_handshakes(), 0);
+    assert_eq!(origin.requests(), Vec::new());
+    assert_nothing_published(&setup);
 }

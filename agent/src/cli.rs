@@ -97,8 +97,8 @@ pub fn main() -> ExitCode {
 }
 
 fn fetch(args: FetchArgs) -> Result<(), Failure> {
-    let config =
-        Config::load(&args.config).map_err(|e| Failure::usage("config_invalid", chain(&e)))?;
+    let config = Config::load(&args.config)
+        .map_err(|e| Failure::usage("config_invalid", crate::errors::Chain(&e).to_string()))?;
     let id = ArtifactId::new(args.artifact_id)
         .map_err(|e| Failure::usage("invalid_artifact_id", e.to_owned()))?;
     init_logging("warn");
@@ -122,7 +122,7 @@ fn fetch(args: FetchArgs) -> Result<(), Failure> {
     let staged = runtime.block_on(async {
         let stager = Stager::new(config, control_plane, http).map_err(|e| Failure {
             code: e.code(),
-            message: chain(&e),
+            message: crate::errors::Chain(&e).to_string(),
             exit: 1,
         })?;
         stager
@@ -130,7 +130,7 @@ fn fetch(args: FetchArgs) -> Result<(), Failure> {
             .await
             .map_err(|e| Failure {
                 code: e.code(),
-                message: chain(&e),
+                message: crate::errors::Chain(&e).to_string(),
                 exit: 1,
             })
     })?;
@@ -146,6 +146,8 @@ fn print_staged(staged: &Staged, json: bool) {
             "digest": staged.digest,
             "size": staged.size,
             "bytes_transferred": staged.bytes_transferred,
+            "bytes_resumed": staged.bytes_resumed,
+            "bytes_read_back": staged.bytes_read_back,
             "seconds": staged.elapsed.as_secs_f64(),
             "outcome": outcome,
         });
@@ -175,19 +177,4 @@ fn init_logging(default: &str) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-}
-
-/// An error and its sources on one line: `outer: inner: innermost`.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        let next = e.to_string();
-        if !text.contains(&next) {
-            text.push_str(": ");
-            text.push_str(&next);
-        }
-        source = e.source();
-    }
-    text.replace(['\n', '\r'], " ")
 }

@@ -103,6 +103,9 @@ pub struct TransferConfig {
     /// them back from the page cache instead of holding them.
     #[serde(default = "defaults::hash_window")]
     pub hash_window: ByteSize,
+    /// Partial transfers left untouched this long are removed instead of resumed.
+    #[serde(default = "defaults::ingest_ttl", with = "humantime_serde")]
+    pub ingest_ttl: Duration,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -517,6 +520,9 @@ mod defaults {
     pub(super) fn hash_window() -> ByteSize {
         ByteSize(16 << 20)
     }
+    pub(super) fn ingest_ttl() -> Duration {
+        Duration::from_secs(24 * 3600)
+    }
 }
 
 impl Default for ApiConfig {
@@ -538,6 +544,7 @@ impl Default for TransferConfig {
             connect_timeout: defaults::connect_timeout(),
             max_attempts: defaults::max_attempts(),
             hash_window: defaults::hash_window(),
+            ingest_ttl: defaults::ingest_ttl(),
         }
     }
 }

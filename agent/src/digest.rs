@@ -32,13 +32,13 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 
 use bytes::Bytes;
 use control_client::{Algorithm, Digest};
 use sha2::Digest as _;
+use sha2::digest::common::hazmat::{SerializableState, SerializedState};
 use tokio::sync::oneshot;
 
 /// Largest read-back at once, when the frontier is on disk but not in memory.
@@ -76,10 +76,49 @@ impl Hasher {
         }
     }
 
+    /// The hasher's internal state, to be restored by [`Hasher::from_state`].
+    pub fn state(&self) -> Vec<u8> {
+        match self {
+            Hasher::Sha256(h) => h.serialize().to_vec(),
+            Hasher::Sha512(h) => h.serialize().to_vec(),
+        }
+    }
+
+    /// Restores a hasher saved by [`Hasher::state`]; `None` when `state` is not one.
+    pub fn from_state(algorithm: Algorithm, state: &[u8]) -> Option<Self> {
+        match algorithm {
+            Algorithm::Sha256 => {
+                let state = SerializedState::<sha2::Sha256>::try_from(state).ok()?;
+                sha2::Sha256::deserialize(&state).ok().map(Hasher::Sha256)
+            }
+            Algorithm::Sha512 => {
+                let state = SerializedState::<sha2::Sha512>::try_from(state).ok()?;
+                sha2::Sha512::deserialize(&state).ok().map(Hasher::Sha512)
+            }
+        }
+    }
+
     pub fn finish(self) -> Digest {
         match self {
             Hasher::Sha256(h) => Digest::from_bytes(Algorithm::Sha256, &h.finalize()),
             Hasher::Sha512(h) => Digest::from_bytes(Algorithm::Sha512, &h.finalize()),
+        }
+    }
+}
+
+/// The hasher as it stood after `hashed` bytes: where a resumed transfer starts hashing.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    pub hashed: u64,
+    pub hasher: Hasher,
+}
+
+impl Checkpoint {
+    /// Nothing hashed yet.
+    pub fn start(algorithm: Algorithm) -> Self {
+        Checkpoint {
+            hashed: 0,
+            hasher: Hasher::new(algorithm),
         }
     }
 }
@@ -98,6 +137,7 @@ pub struct HashFeed {
     /// The hashed prefix, as the hasher last published it.
     frontier: Arc<AtomicU64>,
     window: u64,
+    latest: Arc<Mutex<Checkpoint>>,
 }
 
 impl HashFeed {
@@ -113,6 +153,20 @@ impl HashFeed {
         // A send fails only once the hasher has stopped; the bytes are on disk regardless.
         let _ = self.tx.send(Piece { offset, len, bytes });
     }
+
+    /// Tells the hasher that `len` bytes at `offset` are on disk from an earlier run.
+    pub fn on_disk(&self, offset: u64, len: u64) {
+        let _ = self.tx.send(Piece {
+            offset,
+            len,
+            bytes: None,
+        });
+    }
+
+    /// The hasher's latest state, for a journal checkpoint.
+    pub fn checkpoint(&self) -> Checkpoint {
+        self.latest.lock().expect("checkpoint lock").clone()
+    }
 }
 
 /// What the hasher did.
@@ -126,22 +180,25 @@ pub struct Hashed {
     pub read_back: u64,
 }
 
-/// Starts the hasher thread for an object of `size` bytes being written to `file`.
+/// Starts the hasher thread for an object of `size` bytes being written to `file`, from
+/// `start` (the beginning of the object, or a checkpoint of an earlier run).
 pub fn spawn(
-    algorithm: Algorithm,
+    start: Checkpoint,
     file: Arc<File>,
     size: u64,
     window: u64,
 ) -> (HashFeed, oneshot::Receiver<std::io::Result<Hashed>>) {
     let (tx, rx) = mpsc::channel();
-    let frontier = Arc::new(AtomicU64::new(0));
+    let frontier = Arc::new(AtomicU64::new(start.hashed));
+    let latest = Arc::new(Mutex::new(start.clone()));
     let (done_tx, done_rx) = oneshot::channel();
     let state = Frontier {
-        hasher: Hasher::new(algorithm),
-        hashed: 0,
+        hasher: start.hasher,
+        hashed: start.hashed,
         read_back: 0,
         pieces: BTreeMap::new(),
         frontier: frontier.clone(),
+        latest: latest.clone(),
         file,
         size,
         buffer: Vec::new(),
@@ -157,6 +214,7 @@ pub fn spawn(
             tx,
             frontier,
             window,
+            latest,
         },
         done_rx,
     )
@@ -177,6 +235,7 @@ struct Frontier {
     /// Blocks announced and not yet hashed, by offset.
     pieces: BTreeMap<u64, Block>,
     frontier: Arc<AtomicU64>,
+    latest: Arc<Mutex<Checkpoint>>,
     file: Arc<File>,
     size: u64,
     buffer: Vec<u8>,
@@ -209,6 +268,7 @@ impl Frontier {
 
     /// Hashes every block that continues the hashed prefix, then publishes the new frontier.
     fn advance(&mut self) -> std::io::Result<()> {
+        let before = self.hashed;
         while let Some(entry) = self.pieces.first_entry() {
             let offset = *entry.key();
             debug_assert!(
@@ -226,7 +286,14 @@ impl Frontier {
                 Block::OnDisk(len) => self.read_back(len)?,
             }
         }
-        self.frontier.store(self.hashed, Ordering::Release);
+        if self.hashed != before {
+            let checkpoint = Checkpoint {
+                hashed: self.hashed,
+                hasher: self.hasher.clone(),
+            };
+            *self.latest.lock().expect("checkpoint lock") = checkpoint;
+            self.frontier.store(self.hashed, Ordering::Release);
+        }
         Ok(())
     }
 
@@ -277,7 +344,8 @@ mod tests {
     ) -> Hashed {
         let file = Arc::new(tempfile::tempfile().unwrap());
         let plan = RangePlan::new(data.len() as u64, chunk);
-        let (feed, done) = spawn(Algorithm::Sha256, file.clone(), plan.size(), window);
+        let start = Checkpoint::start(Algorithm::Sha256);
+        let (feed, done) = spawn(start, file.clone(), plan.size(), window);
         for &index in order {
             let range = plan.range(index);
             for start in (range.start..range.end).step_by(piece) {
@@ -334,6 +402,40 @@ mod tests {
         let hashed = hash_out_of_order(&data, 1_000, &[0, 1, 3], 500, 1 << 20);
         assert_eq!(hashed.digest, None);
         assert_eq!(hashed.hashed, 2_000);
+    }
+
+    #[test]
+    fn a_restored_checkpoint_continues_the_same_hash() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        for algorithm in [Algorithm::Sha256, Algorithm::Sha512] {
+            let mut first = Hasher::new(algorithm);
+            first.update(&data[..123_457]);
+            let mut resumed = Hasher::from_state(algorithm, &first.state()).unwrap();
+            resumed.update(&data[123_457..]);
+            assert_eq!(resumed.finish(), one_shot(algorithm, &data));
+        }
+        assert!(Hasher::from_state(Algorithm::Sha256, b"short").is_none());
+        let sha512 = Hasher::new(Algorithm::Sha512).state();
+        assert!(Hasher::from_state(Algorithm::Sha256, &sha512).is_none());
+    }
+
+    #[test]
+    fn a_hasher_started_from_a_checkpoint_reads_back_only_what_follows_it() {
+        let data: Vec<u8> = (0..50_000u32).map(|i| (i * 13) as u8).collect();
+        let file = Arc::new(tempfile::tempfile().unwrap());
+        file.write_all_at(&data, 0).unwrap();
+        let mut hasher = Hasher::new(Algorithm::Sha256);
+        hasher.update(&data[..20_000]);
+        let start = Checkpoint {
+            hashed: 20_000,
+            hasher,
+        };
+        let (feed, done) = spawn(start, file, data.len() as u64, 1 << 20);
+        feed.on_disk(20_000, 30_000);
+        let hashed = done.blocking_recv().unwrap().unwrap();
+        assert_eq!(hashed.digest, Some(one_shot(Algorithm::Sha256, &data)));
+        assert_eq!(hashed.read_back, 30_000);
+        drop(feed);
     }
 
     #[test]

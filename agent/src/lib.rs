@@ -12,6 +12,7 @@
 pub mod cli;
 pub mod config;
 pub mod digest;
+pub mod errors;
 pub mod policy;
 pub mod redact;
 pub mod source;

@@ -26,7 +26,8 @@ pub mod https;
 pub type ByteStream = BoxStream<'static, Result<Bytes, SourceError>>;
 
 /// What identifies one version of an object, so that every range comes from that version.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", content = "value", rename_all = "snake_case")]
 pub enum Validator {
     /// An HTTP entity tag as sent, quotes and `W/` included.
     ETag(String),
@@ -129,7 +130,11 @@ impl SourceError {
             SourceError::Status { status, .. } => {
                 *status >= 500 || *status == 429 || *status == 408
             }
-            SourceError::Transport { .. } | SourceError::Truncated { .. } => true,
+            // A TLS handshake failure (rustls reports it as invalid data) will not go away.
+            SourceError::Transport { source, .. } => {
+                !crate::errors::has_io_kind(source, std::io::ErrorKind::InvalidData)
+            }
+            SourceError::Truncated { .. } => true,
             _ => false,
         }
     }

@@ -19,9 +19,11 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::config::Config;
 use crate::policy::{Admission, Policy, PolicyError};
+use crate::source::ObjectInfo;
 use crate::source::{self, SourceError};
-use crate::store::{Store, StoreError};
-use crate::transfer::{self, Transfer, TransferError, TransferSettings};
+use crate::store::{Ingest, Store, StoreError};
+use crate::transfer::journal::Journal;
+use crate::transfer::{self, Resume, Transfer, TransferError, TransferSettings};
 
 /// A pull that ended with a verified blob in the store.
 #[derive(Debug, Clone)]
@@ -31,6 +33,11 @@ pub struct Staged {
     pub size: u64,
     /// Bytes received from the source; 0 when the blob was already present.
     pub bytes_transferred: u64,
+    /// Bytes an earlier, interrupted run had already written and this one kept.
+    pub bytes_resumed: u64,
+    /// Bytes read back from the ingest file to hash them (never the already hashed prefix of
+    /// an earlier run).
+    pub bytes_read_back: u64,
     pub outcome: Outcome,
     pub elapsed: Duration,
 }
@@ -122,6 +129,13 @@ impl Stager {
         http: reqwest::Client,
     ) -> Result<Self, StoreError> {
         let store = Store::open(&config.state_dir)?;
+        let freed = store.sweep_ingests(config.transfer.ingest_ttl)?;
+        if freed > 0 {
+            info!(
+                bytes = freed,
+                "removed partial transfers older than ingest_ttl"
+            );
+        }
         Ok(Stager {
             node_id: config.node_id(),
             policy: Arc::new(Policy::new(config.policy.clone())),
@@ -172,7 +186,7 @@ impl Stager {
                 source,
             }),
             (Err(report), Err(err)) => {
-                warn!(artifact = %id, error = %report, "the event of this failed pull was not recorded");
+                warn!(artifact = %id, error = %crate::errors::Chain(&report), "the event of this failed pull was not recorded");
                 Err(err)
             }
         }
@@ -201,14 +215,7 @@ impl Stager {
 
         if let Some((path, size)) = self.store.find(&artifact.digest)? {
             info!(path = %path.display(), "already present");
-            return Ok(Staged {
-                path,
-                digest: artifact.digest,
-                size,
-                bytes_transferred: 0,
-                outcome: Outcome::AlreadyPresent,
-                elapsed: started.elapsed(),
-            });
+            return Ok(already_present(path, artifact.digest, size, started));
         }
         self.transfer(artifact, started).await
     }
@@ -240,22 +247,38 @@ impl Stager {
             });
         }
 
+        // One owner per ingest: wait for another process staging the same blob, then answer
+        // from the store if it published it.
         let store = self.store.clone();
         let digest = artifact.digest.clone();
-        let size = info.size;
-        let ingest = tokio::task::spawn_blocking(move || store.create_ingest(&digest, size))
+        let mut ingest = tokio::task::spawn_blocking(move || store.lock_ingest(&digest))
             .await
-            .expect("ingest creation panicked")?;
+            .expect("ingest lock task panicked")?;
+        if let Some((path, size)) = self.store.find(&artifact.digest)? {
+            return Ok(already_present(path, artifact.digest, size, started));
+        }
+
         let settings = TransferSettings::from(&self.config.transfer);
-        let transfer = Transfer::new(
-            source,
-            info,
-            ingest.file(),
-            artifact.digest.algorithm(),
-            settings,
-        );
-        let transferred = transfer.run().await?;
+        let transfer_size = info.size;
+        let resume = prepare_ingest(&mut ingest, &artifact.digest, &info, settings.chunk_size)?;
+        let algorithm = artifact.digest.algorithm();
+        let mut transfer = Transfer::new(source, info, ingest.file(), algorithm, settings)
+            .with_journal(ingest.journal_path().to_owned(), &artifact.digest);
+        if let Some(resume) = resume {
+            transfer = transfer.resuming(resume);
+        }
+        let transferred = match transfer.run().await {
+            Ok(transferred) => transferred,
+            Err(e) => {
+                let wrong_bytes = e.code() == "source_changed";
+                if wrong_bytes || !ingest.journal_path().exists() {
+                    ingest.discard()?;
+                }
+                return Err(e.into());
+            }
+        };
         if transferred.digest != artifact.digest {
+            ingest.discard()?;
             return Err(StageError::DigestMismatch {
                 expected: artifact.digest,
                 actual: transferred.digest,
@@ -263,6 +286,7 @@ impl Stager {
         }
 
         let transferred_at = started.elapsed();
+        let transferred_size = transfer_size;
         let path = tokio::task::spawn_blocking(move || ingest.publish())
             .await
             .expect("publish panicked")?;
@@ -270,6 +294,7 @@ impl Stager {
             path = %path.display(),
             bytes = transferred.bytes_received,
             read_back = transferred.bytes_read_back,
+            resumed = transferred.bytes_resumed,
             transfer_ms = transferred_at.as_millis(),
             hash_tail_ms = transferred.hash_tail.as_millis(),
             publish_ms = (started.elapsed() - transferred_at).as_millis(),
@@ -278,10 +303,72 @@ impl Stager {
         Ok(Staged {
             path,
             digest: artifact.digest,
-            size,
+            size: transferred_size,
             bytes_transferred: transferred.bytes_received,
+            bytes_resumed: transferred.bytes_resumed,
+            bytes_read_back: transferred.bytes_read_back,
             outcome: Outcome::Staged,
             elapsed: started.elapsed(),
         })
     }
+}
+
+fn already_present(path: PathBuf, digest: Digest, size: u64, started: Instant) -> Staged {
+    info!(path = %path.display(), "already present");
+    Staged {
+        path,
+        digest,
+        size,
+        bytes_transferred: 0,
+        bytes_resumed: 0,
+        bytes_read_back: 0,
+        outcome: Outcome::AlreadyPresent,
+        elapsed: started.elapsed(),
+    }
+}
+
+/// Opens the ingest for this transfer: the data of an earlier run when its journal matches
+/// this object and version, else a fresh file. A journal that does not match is discarded with
+/// its data, never mixed with a new transfer.
+fn prepare_ingest(
+    ingest: &mut Ingest,
+    digest: &Digest,
+    info: &ObjectInfo,
+    chunk_size: u64,
+) -> Result<Option<Resume>, StoreError> {
+    if !info.ranges {
+        ingest.create(info.size)?;
+        return Ok(None);
+    }
+    match resumable(ingest, digest, info, chunk_size) {
+        Ok(Some(resume)) => return Ok(Some(resume)),
+        Ok(None) => {}
+        Err(reason) => warn!(%reason, "discarding the partial transfer of an earlier run"),
+    }
+    ingest.create(info.size)?;
+    Ok(None)
+}
+
+fn resumable(
+    ingest: &mut Ingest,
+    digest: &Digest,
+    info: &ObjectInfo,
+    chunk_size: u64,
+) -> Result<Option<Resume>, String> {
+    let Some(journal) = Journal::read(ingest.journal_path()).map_err(|e| e.to_string())? else {
+        return Ok(None);
+    };
+    journal
+        .check(digest, info.size, chunk_size, info.validator.as_ref())
+        .map_err(|e| e.to_string())?;
+    let resume = Resume::from_journal(&journal, digest.algorithm())
+        .ok_or("the journal's hash state does not restore")?;
+    if !ingest.reopen(info.size).map_err(|e| e.to_string())? {
+        return Err("the ingest file is missing or of another size".into());
+    }
+    info!(
+        hashed = journal.hashed,
+        "resuming the partial transfer of an earlier run"
+    );
+    Ok(Some(resume))
 }

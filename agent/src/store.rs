@@ -7,23 +7,31 @@
 //! verified under `ingest/`, then `fsync`ed, made read-only (0444) and renamed into place, and
 //! the directory is `fsync`ed so the rename survives a crash. Rename is atomic within one
 //! filesystem, which is why `ingest/` lives beside `blobs/`. A reader therefore sees either no
-//! blob or the whole verified blob, never a prefix. An ingest that is not published is removed
-//! when its [`Ingest`] is dropped.
+//! blob or the whole verified blob, never a prefix.
 //!
-//! Ingest files are created with `O_EXCL` after removing whatever was at their path, so a
-//! symlink planted in `ingest/` is replaced, never followed.
+//! Each ingest has one owner at a time: an exclusive lock on `ingest/<name>.lock`, held for the
+//! life of an [`Ingest`], so two processes on one state directory never write the same ingest;
+//! the second waits, then finds the blob published or resumes what the first left. The lock
+//! file is removed once its ingest is published or discarded; a waiter that then holds a lock
+//! on a removed file notices it (the path no longer names its file) and locks again.
 //!
-//! Limitation: two processes staging the same digest at once share one ingest path and can
-//! disturb each other's transfer; an ingest lock comes with resumable transfers. A blob either
-//! of them publishes is still verified.
+//! An ingest that fails is kept, with its resume journal, for the next attempt; only an ingest
+//! whose bytes are known to be wrong (a digest mismatch, a source that changed) is discarded.
+//! Kept ingests untouched for `ingest_ttl` are removed by [`Store::sweep_ingests`].
+//!
+//! Files are created with `O_EXCL` after removing whatever was at their path, so a symlink
+//! planted in `ingest/` is replaced, never followed.
 
 use std::fs::{self, File, OpenOptions, Permissions};
 use std::io;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use control_client::Digest;
+
+use crate::transfer::journal;
 
 /// Mode of published blobs: readable by the runtimes, writable by no one.
 const BLOB_MODE: u32 = 0o444;
@@ -61,13 +69,17 @@ impl Store {
         let store = Store { root };
         for (dir, mode) in [
             (store.root.join("blobs"), 0o755),
-            (store.root.join("ingest"), 0o700),
+            (store.ingest_dir(), 0o700),
         ] {
             fs::create_dir_all(&dir).map_err(at("create", &dir))?;
-            fs::set_permissions(&dir, Permissions::from_mode(mode))
-                .map_err(at("set the mode of", &dir))?;
+            let mode = Permissions::from_mode(mode);
+            fs::set_permissions(&dir, mode).map_err(at("set the mode of", &dir))?;
         }
         Ok(store)
+    }
+
+    fn ingest_dir(&self) -> PathBuf {
+        self.root.join("ingest")
     }
 
     /// Where the verified blob of `digest` lives (whether or not it is there).
@@ -89,69 +101,182 @@ impl Store {
         }
     }
 
-    /// Creates a fresh ingest file for `digest`, sized to `size`.
-    pub fn create_ingest(&self, digest: &Digest, size: u64) -> Result<Ingest, StoreError> {
-        let path =
-            self.root
-                .join("ingest")
-                .join(format!("{}-{}", digest.algorithm(), digest.hex()));
-        match fs::remove_file(&path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(at("remove", &path)(e)),
-            _ => {}
+    /// Takes ownership of the ingest of `digest`, waiting while another process holds it.
+    /// Blocking: call from a blocking thread.
+    pub fn lock_ingest(&self, digest: &Digest) -> Result<Ingest, StoreError> {
+        let path = self
+            .ingest_dir()
+            .join(format!("{}-{}", digest.algorithm(), digest.hex()));
+        let lock_path = path.with_extension("lock");
+        let lock = lock_file(&lock_path)?;
+        Ok(Ingest {
+            journal: journal::path_for(&path),
+            path,
+            lock_path,
+            _lock: lock,
+            file: None,
+            blob: self.blob_path(digest),
+            finished: false,
+        })
+    }
+
+    /// Removes kept ingests whose data has not changed for `ttl`, unless a transfer holds them.
+    /// Returns the bytes freed.
+    pub fn sweep_ingests(&self, ttl: Duration) -> Result<u64, StoreError> {
+        let dir = self.ingest_dir();
+        let mut freed = 0;
+        for entry in fs::read_dir(&dir).map_err(at("list", &dir))? {
+            let path = entry.map_err(at("list", &dir))?.path();
+            if path.extension().is_some() {
+                continue;
+            }
+            let Ok(meta) = fs::symlink_metadata(&path) else {
+                continue;
+            };
+            let age = meta
+                .modified()
+                .ok()
+                .and_then(|m| SystemTime::now().duration_since(m).ok());
+            if age.is_none_or(|age| age < ttl) {
+                continue;
+            }
+            let Ok(lock) = File::create(path.with_extension("lock")) else {
+                continue;
+            };
+            if lock.try_lock().is_ok() {
+                for stale in [
+                    path.clone(),
+                    journal::path_for(&path),
+                    path.with_extension("lock"),
+                ] {
+                    let _ = fs::remove_file(stale);
+                }
+                freed += meta.len();
+            }
         }
+        Ok(freed)
+    }
+}
+
+/// Locks `path` exclusively, and makes sure the lock is on the file that `path` still names.
+fn lock_file(path: &Path) -> Result<File, StoreError> {
+    loop {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(at("open", path))?;
+        file.lock().map_err(at("lock", path))?;
+        let held = file.metadata().map_err(at("inspect", path))?;
+        match fs::metadata(path) {
+            Ok(now) if now.ino() == held.ino() && now.dev() == held.dev() => return Ok(file),
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(at("inspect", path)(e)),
+        }
+    }
+}
+
+/// An ingest owned by this process: its data file, its journal and its lock.
+#[derive(Debug)]
+pub struct Ingest {
+    path: PathBuf,
+    journal: PathBuf,
+    lock_path: PathBuf,
+    _lock: File,
+    file: Option<Arc<File>>,
+    blob: PathBuf,
+    /// Published or discarded: the lock file goes too.
+    finished: bool,
+}
+
+impl Ingest {
+    pub fn journal_path(&self) -> &Path {
+        &self.journal
+    }
+
+    /// The data file; call [`Ingest::create`] or [`Ingest::reopen`] first.
+    pub fn file(&self) -> Arc<File> {
+        self.file.clone().expect("the ingest file is open")
+    }
+
+    /// Opens the data a previous run left, if it is there at exactly `size` bytes.
+    pub fn reopen(&mut self, size: u64) -> Result<bool, StoreError> {
+        let file = match OpenOptions::new().read(true).write(true).open(&self.path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(at("open", &self.path)(e)),
+        };
+        let meta = file.metadata().map_err(at("inspect", &self.path))?;
+        if !meta.is_file() || meta.len() != size {
+            return Ok(false);
+        }
+        self.file = Some(Arc::new(file));
+        Ok(true)
+    }
+
+    /// Starts a fresh data file of `size` bytes, removing any earlier data and journal.
+    pub fn create(&mut self, size: u64) -> Result<(), StoreError> {
+        self.file = None;
+        self.remove_data()?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(&path)
-            .map_err(at("create", &path))?;
-        file.set_len(size).map_err(at("size", &path))?;
-        Ok(Ingest {
-            path,
-            file: Arc::new(file),
-            blob: self.blob_path(digest),
-            published: false,
-        })
+            .open(&self.path)
+            .map_err(at("create", &self.path))?;
+        file.set_len(size).map_err(at("size", &self.path))?;
+        self.file = Some(Arc::new(file));
+        Ok(())
     }
-}
 
-/// An ingest file on its way to becoming a blob. Removed on drop unless published.
-#[derive(Debug)]
-pub struct Ingest {
-    path: PathBuf,
-    file: Arc<File>,
-    blob: PathBuf,
-    published: bool,
-}
+    fn remove_data(&self) -> Result<(), StoreError> {
+        for path in [&self.path, &self.journal] {
+            match fs::remove_file(path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(at("remove", path)(e)),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
 
-impl Ingest {
-    pub fn file(&self) -> Arc<File> {
-        self.file.clone()
+    /// Removes the data and journal: their bytes must not be resumed.
+    pub fn discard(mut self) -> Result<(), StoreError> {
+        self.file = None;
+        self.remove_data()?;
+        self.finished = true;
+        Ok(())
     }
 
     /// Makes the verified ingest the blob: fsync, 0444, rename, fsync of the directory.
     /// Call only after the digest of the file's contents has been checked.
     pub fn publish(mut self) -> Result<PathBuf, StoreError> {
-        self.file.sync_all().map_err(at("sync", &self.path))?;
-        self.file
-            .set_permissions(Permissions::from_mode(BLOB_MODE))
+        let file = self.file();
+        file.sync_all().map_err(at("sync", &self.path))?;
+        let mode = Permissions::from_mode(BLOB_MODE);
+        file.set_permissions(mode)
             .map_err(at("set the mode of", &self.path))?;
         let dir = self.blob.parent().expect("blob paths have a parent");
         fs::create_dir_all(dir).map_err(at("create", dir))?;
         fs::rename(&self.path, &self.blob).map_err(at("publish", &self.blob))?;
-        self.published = true;
         File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(at("sync", dir))?;
+        let _ = fs::remove_file(&self.journal);
+        self.finished = true;
         Ok(self.blob.clone())
     }
 }
 
 impl Drop for Ingest {
     fn drop(&mut self) {
-        if !self.published {
-            let _ = fs::remove_file(&self.path);
+        // Removed while still locked, so a waiter finds its lock stale and locks again.
+        if self.finished {
+            let _ = fs::remove_file(&self.lock_path);
         }
     }
 }
@@ -165,13 +290,23 @@ mod tests {
         format!("sha256:{}", "ab".repeat(32)).parse().unwrap()
     }
 
+    fn listing(dir: &Path) -> Vec<String> {
+        let mut names: Vec<_> = fs::read_dir(dir.join("ingest"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
     #[test]
-    fn publish_makes_a_read_only_blob_and_drop_cleans_up() {
+    fn publish_makes_a_read_only_blob_and_leaves_no_ingest() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         assert!(store.find(&digest()).unwrap().is_none());
 
-        let ingest = store.create_ingest(&digest(), 3).unwrap();
+        let mut ingest = store.lock_ingest(&digest()).unwrap();
+        ingest.create(3).unwrap();
         (&*ingest.file()).write_all(b"abc").unwrap();
         let path = ingest.publish().unwrap();
         let root = fs::canonicalize(dir.path()).unwrap();
@@ -181,13 +316,24 @@ mod tests {
             0o444
         );
         assert_eq!(store.find(&digest()).unwrap(), Some((path, 3)));
+        assert!(listing(dir.path()).is_empty());
+    }
 
-        let dropped = store.create_ingest(&digest(), 10).unwrap();
-        let ingest_path = dropped.path.clone();
-        assert!(ingest_path.exists());
-        drop(dropped);
-        assert!(!ingest_path.exists());
-        assert_eq!(fs::read_dir(dir.path().join("ingest")).unwrap().count(), 0);
+    #[test]
+    fn a_failed_ingest_is_kept_for_resume_and_a_discarded_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut ingest = store.lock_ingest(&digest()).unwrap();
+        ingest.create(10).unwrap();
+        drop(ingest);
+        let mut again = store.lock_ingest(&digest()).unwrap();
+        assert!(
+            !again.reopen(11).unwrap(),
+            "a file of another size is not resumed"
+        );
+        assert!(again.reopen(10).unwrap());
+        again.discard().unwrap();
+        assert!(listing(dir.path()).is_empty());
     }
 
     #[test]
@@ -202,7 +348,8 @@ mod tests {
             .join(format!("sha256-{}", "ab".repeat(32)));
         std::os::unix::fs::symlink(&victim, &ingest_path).unwrap();
 
-        let ingest = store.create_ingest(&digest(), 100).unwrap();
+        let mut ingest = store.lock_ingest(&digest()).unwrap();
+        ingest.create(100).unwrap();
         (&*ingest.file()).write_all(b"new").unwrap();
         assert_eq!(fs::read(&victim).unwrap(), b"keep me");
         assert!(
@@ -211,5 +358,50 @@ mod tests {
                 .file_type()
                 .is_symlink()
         );
+    }
+
+    #[test]
+    fn one_owner_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let first = store.lock_ingest(&digest()).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let second = store.lock_ingest(&digest()).unwrap();
+                tx.send(()).unwrap();
+                second
+            })
+        };
+        assert!(
+            rx.recv_timeout(Duration::from_millis(200)).is_err(),
+            "second owner got in"
+        );
+        first.discard().unwrap();
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("the waiter takes over");
+        drop(waiter.join().unwrap());
+    }
+
+    #[test]
+    fn sweep_removes_only_old_unlocked_ingests() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut ingest = store.lock_ingest(&digest()).unwrap();
+        ingest.create(10).unwrap();
+        assert_eq!(
+            store.sweep_ingests(Duration::ZERO).unwrap(),
+            0,
+            "held ingests stay"
+        );
+        drop(ingest);
+        assert_eq!(
+            store.sweep_ingests(Duration::from_secs(3600)).unwrap(),
+            0,
+            "young ones stay"
+        );
+        assert_eq!(store.sweep_ingests(Duration::ZERO).unwrap(), 10);
+        assert!(listing(dir.path()).is_empty());
     }
 }

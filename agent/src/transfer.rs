@@ -12,6 +12,15 @@
 //! `Retry-After` asks, from the first byte not yet written: the bytes a connection delivered
 //! before it broke or stalled are kept. Stalls are caught by the source's read timeout.
 //!
+//! Progress is checkpointed into the resume journal ([`journal`]) every half of
+//! `connections × chunk_size` bytes written, and once more when the transfer fails: the ingest
+//! file is `fdatasync`ed, then the written prefix of every range and the hasher's state are
+//! recorded. A transfer started with a valid journal fetches only what the journal does not
+//! cover and hashes on from the checkpoint, reading back from the file only the bytes written
+//! after it. A kill therefore costs the bytes written since the last checkpoint (at most half
+//! of `connections × chunk_size`) and the blocks being filled (at most a quarter chunk per
+//! connection): less than `connections × chunk_size` in all, when the disk keeps up.
+//!
 //! An origin that answers a ranged request with the whole object cannot be trusted with ranges
 //! at all: the engine then starts over with a single stream from byte 0, which cannot resume
 //! mid-way and is retried from the start. Bytes are never spliced from two kinds of answer.
@@ -23,6 +32,7 @@
 use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -34,22 +44,29 @@ use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
 use crate::config::TransferConfig;
-use crate::digest::{self, HashFeed};
+use crate::digest::{self, Checkpoint, HashFeed, Hasher};
+use crate::errors::Chain;
 use crate::source::{ObjectInfo, Source, SourceError};
 
+pub mod journal;
 pub mod plan;
 pub mod retry;
+
+use journal::Journal;
 
 use plan::{Progress, RangePlan};
 use retry::Retry;
 
-/// Bytes gathered from the network before one `pwrite`.
+/// Bytes gathered from the network before one `pwrite`, at most; a quarter of the chunk size
+/// when that is smaller, so that a kill loses less than a chunk per connection.
 pub const WRITE_BLOCK: usize = 1 << 20;
 
 /// The settings of one transfer.
 #[derive(Debug, Clone)]
 pub struct TransferSettings {
     pub chunk_size: u64,
+    /// Bytes gathered before one `pwrite`.
+    pub write_block: usize,
     pub connections: usize,
     pub max_attempts: u32,
     pub hash_window: u64,
@@ -59,6 +76,8 @@ impl From<&TransferConfig> for TransferSettings {
     fn from(config: &TransferConfig) -> Self {
         TransferSettings {
             chunk_size: config.chunk_size.0,
+            write_block: WRITE_BLOCK
+                .min(usize::try_from(config.chunk_size.0 / 4).unwrap_or(WRITE_BLOCK)),
             connections: config.connections_per_blob,
             max_attempts: config.max_attempts,
             hash_window: config.hash_window.0,
@@ -78,6 +97,10 @@ pub struct Transferred {
     /// Time from the last byte written to the digest being ready: the hashing not overlapped
     /// with the transfer.
     pub hash_tail: Duration,
+    /// Bytes already on disk from an earlier run, not fetched again.
+    pub bytes_resumed: u64,
+    /// Where hashing started: the checkpoint of an earlier run, or 0.
+    pub hash_resumed_from: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,13 +117,17 @@ pub enum TransferError {
     Write(#[source] std::io::Error),
     #[error("cannot read back the ingest file for hashing")]
     Hash(#[source] std::io::Error),
+    #[error("cannot checkpoint the transfer")]
+    Checkpoint(#[source] std::io::Error),
 }
 
 impl TransferError {
     pub fn code(&self) -> &'static str {
         match self {
             TransferError::Source { source, .. } => source.code(),
-            TransferError::Write(_) | TransferError::Hash(_) => "io_error",
+            TransferError::Write(_) | TransferError::Hash(_) | TransferError::Checkpoint(_) => {
+                "io_error"
+            }
         }
     }
 }
@@ -116,9 +143,33 @@ pub async fn stat(source: &dyn Source, max_attempts: u32) -> Result<ObjectInfo, 
         let Some(delay) = retry.next_delay(&error) else {
             return Err(error);
         };
-        warn!(attempt = retry.attempt(), max = retry.max_attempts(), ?delay, %error,
+        warn!(attempt = retry.attempt(), max = retry.max_attempts(), ?delay, error = %Chain(&error),
             "first request failed, retrying");
         tokio::time::sleep(delay).await;
+    }
+}
+
+/// What an earlier run left on disk, from a journal that matched this transfer.
+#[derive(Debug, Clone)]
+pub struct Resume {
+    written: Vec<u64>,
+    checkpoint: Checkpoint,
+}
+
+impl Resume {
+    /// Takes a journal already checked against this transfer; `None` when its hash state does
+    /// not restore.
+    pub fn from_journal(journal: &Journal, algorithm: Algorithm) -> Option<Resume> {
+        let state = decode_hex(&journal.hash_state)?;
+        let hasher = Hasher::from_state(algorithm, &state)?;
+        let checkpoint = Checkpoint {
+            hashed: journal.hashed,
+            hasher,
+        };
+        Some(Resume {
+            written: journal.written.clone(),
+            checkpoint,
+        })
     }
 }
 
@@ -131,6 +182,9 @@ pub struct Transfer {
     algorithm: Algorithm,
     settings: TransferSettings,
     received: Arc<AtomicU64>,
+    /// Where checkpoints go, and the journal they are made from.
+    journal: Option<(PathBuf, Journal)>,
+    resume: Option<Resume>,
 }
 
 impl Transfer {
@@ -149,13 +203,38 @@ impl Transfer {
             algorithm,
             settings,
             received: Arc::default(),
+            journal: None,
+            resume: None,
         }
+    }
+
+    /// Checkpoints progress into the journal at `path`, for the object of `digest`.
+    pub fn with_journal(mut self, path: PathBuf, digest: &Digest) -> Self {
+        let template = Journal {
+            format: journal::FORMAT,
+            digest: digest.to_string(),
+            size: self.info.size,
+            chunk_size: self.settings.chunk_size,
+            validator: self.info.validator.clone(),
+            written: Vec::new(),
+            hashed: 0,
+            hash_state_format: journal::HASH_STATE_FORMAT.into(),
+            hash_state: String::new(),
+        };
+        self.journal = Some((path, template));
+        self
+    }
+
+    /// Continues what an earlier run left.
+    pub fn resuming(mut self, resume: Resume) -> Self {
+        self.resume = Some(resume);
+        self
     }
 
     pub async fn run(self) -> Result<Transferred, TransferError> {
         if self.info.ranges {
             let plan = RangePlan::new(self.info.size, self.settings.chunk_size);
-            match self.attempt(plan, true).await {
+            match self.attempt(plan, true, self.resume.as_ref()).await {
                 Err(TransferError::Source {
                     source: SourceError::RangeIgnored { uri },
                     ..
@@ -172,7 +251,10 @@ impl Transfer {
     async fn single_stream(&self) -> Result<Transferred, TransferError> {
         let mut retry = Retry::new(self.settings.max_attempts);
         loop {
-            let error = match self.attempt(RangePlan::whole(self.info.size), false).await {
+            let error = match self
+                .attempt(RangePlan::whole(self.info.size), false, None)
+                .await
+            {
                 Err(TransferError::Source { source, .. }) => source,
                 done => return done,
             };
@@ -184,21 +266,44 @@ impl Transfer {
                     source: error,
                 });
             };
-            warn!(attempt = retry.attempt(), max = retry.max_attempts(), ?delay, %error,
+            warn!(attempt = retry.attempt(), max = retry.max_attempts(), ?delay, error = %Chain(&error),
                 "single-stream transfer failed, starting over");
             tokio::time::sleep(delay).await;
         }
     }
 
-    /// Runs `plan` to the end with fresh progress and a fresh hasher.
-    async fn attempt(&self, plan: RangePlan, ranged: bool) -> Result<Transferred, TransferError> {
+    /// Runs `plan` to the end, from what `resume` says is already done. Without `ranged`, the
+    /// plan's one range is read without a `Range` header and nothing is checkpointed.
+    async fn attempt(
+        &self,
+        plan: RangePlan,
+        ranged: bool,
+        resume: Option<&Resume>,
+    ) -> Result<Transferred, TransferError> {
         let progress = Arc::new(Progress::new(plan));
+        let start = match resume {
+            Some(resume) => {
+                resume
+                    .written
+                    .iter()
+                    .enumerate()
+                    .for_each(|(i, w)| progress.record(i, *w));
+                resume.checkpoint.clone()
+            }
+            None => Checkpoint::start(self.algorithm),
+        };
+        let resumed = progress.total();
+        let hash_resumed_from = start.hashed;
         let (feed, hashed) = digest::spawn(
-            self.algorithm,
+            start,
             self.file.clone(),
             plan.size(),
             self.settings.hash_window,
         );
+        announce_on_disk(&feed, &progress, hash_resumed_from);
+
+        let journal = self.journal.clone().filter(|_| ranged);
+        let interval = (self.settings.chunk_size * self.settings.connections as u64 / 2).max(1);
         let worker = Arc::new(Worker {
             source: self.source.clone(),
             info: self.info.clone(),
@@ -213,19 +318,29 @@ impl Transfer {
             } else {
                 1
             },
+            write_block: self.settings.write_block,
+            checkpoints: journal.map(|(path, template)| Checkpoints::new(path, template, interval)),
         });
         let mut workers = JoinSet::new();
         for _ in 0..self.settings.connections.min(plan.len()) {
             workers.spawn(worker.clone().run());
         }
-        drop(worker);
         while let Some(joined) = workers.join_next().await {
             match joined {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(e),
+                Ok(Err(e)) => {
+                    workers.abort_all();
+                    while workers.join_next().await.is_some() {}
+                    if let Err(checkpoint) = worker.checkpoint(true).await {
+                        warn!(error = %Chain(&checkpoint), "cannot record progress for a later resume");
+                    }
+                    return Err(e);
+                }
                 Err(e) => std::panic::resume_unwind(e.into_panic()),
             }
         }
+        drop(worker);
+
         let written = Instant::now();
         let hashed = hashed
             .await
@@ -239,7 +354,50 @@ impl Transfer {
             bytes_received: self.received.load(Ordering::Relaxed),
             bytes_read_back: hashed.read_back,
             hash_tail: written.elapsed(),
+            bytes_resumed: resumed,
+            hash_resumed_from,
         })
+    }
+}
+
+/// Tells the hasher about bytes an earlier run wrote after its checkpoint.
+fn announce_on_disk(feed: &HashFeed, progress: &Progress, hashed: u64) {
+    for index in 0..progress.plan().len() {
+        let range = progress.plan().range(index);
+        let from = range.start.max(hashed);
+        let to = range.start + progress.written(index);
+        if to > from {
+            feed.on_disk(from, to - from);
+        }
+    }
+}
+
+/// The checkpoints of one transfer: when the next is due, and one at a time.
+#[derive(Debug)]
+struct Checkpoints {
+    path: PathBuf,
+    template: Journal,
+    interval: u64,
+    since: AtomicU64,
+    busy: tokio::sync::Mutex<()>,
+}
+
+impl Checkpoints {
+    fn new(path: PathBuf, template: Journal, interval: u64) -> Self {
+        let busy = tokio::sync::Mutex::new(());
+        Checkpoints {
+            path,
+            template,
+            interval,
+            since: AtomicU64::new(0),
+            busy,
+        }
+    }
+
+    /// Counts `len` more bytes written; true when a checkpoint is due.
+    fn due(&self, len: u64) -> bool {
+        let since = self.since.fetch_add(len, Ordering::AcqRel) + len;
+        since >= self.interval && self.since.swap(0, Ordering::AcqRel) >= self.interval
     }
 }
 
@@ -255,6 +413,8 @@ struct Worker {
     received: Arc<AtomicU64>,
     ranged: bool,
     max_attempts: u32,
+    checkpoints: Option<Checkpoints>,
+    write_block: usize,
 }
 
 impl Worker {
@@ -274,6 +434,9 @@ impl Worker {
         let mut retry = Retry::new(self.max_attempts);
         loop {
             let from = range.start + self.progress.written(index);
+            if from == range.end {
+                return Ok(());
+            }
             debug!(
                 index,
                 from,
@@ -293,7 +456,7 @@ impl Worker {
                     source: error,
                 });
             };
-            warn!(?range, attempt = retry.attempt(), max = retry.max_attempts(), ?delay, %error,
+            warn!(?range, attempt = retry.attempt(), max = retry.max_attempts(), ?delay, error = %Chain(&error),
                 "range failed, retrying");
             tokio::time::sleep(delay).await;
         }
@@ -307,7 +470,7 @@ impl Worker {
             .source
             .read(self.ranged.then(|| want.clone()), &self.info)
             .await?;
-        let mut block = BytesMut::with_capacity(WRITE_BLOCK.min(expected as usize));
+        let mut block = BytesMut::with_capacity(self.write_block.min(expected as usize));
         let mut offset = want.start;
         let mut got = 0u64;
         let outcome = loop {
@@ -334,10 +497,10 @@ impl Worker {
                 .fetch_add(chunk.len() as u64, Ordering::Relaxed);
             let mut rest = &chunk[..];
             while !rest.is_empty() {
-                let take = rest.len().min(WRITE_BLOCK - block.len());
+                let take = rest.len().min(self.write_block - block.len());
                 block.extend_from_slice(&rest[..take]);
                 rest = &rest[take..];
-                if block.len() == WRITE_BLOCK {
+                if block.len() == self.write_block {
                     self.write(index, &mut offset, &mut block).await?;
                 }
             }
@@ -356,16 +519,53 @@ impl Worker {
         if block.is_empty() {
             return Ok(());
         }
-        let bytes = std::mem::replace(block, BytesMut::with_capacity(WRITE_BLOCK)).freeze();
+        let bytes = std::mem::replace(block, BytesMut::with_capacity(self.write_block)).freeze();
         let (file, data, at) = (self.file.clone(), bytes.clone(), *offset);
         tokio::task::spawn_blocking(move || file.write_all_at(&data, at))
             .await
             .expect("pwrite task panicked")
             .map_err(Fetch::Write)?;
-        self.progress.record(index, bytes.len() as u64);
-        *offset += bytes.len() as u64;
+        let len = bytes.len() as u64;
+        self.progress.record(index, len);
+        *offset += len;
         self.feed.written(at, bytes);
+        if self.checkpoints.as_ref().is_some_and(|c| c.due(len)) {
+            self.checkpoint(false).await.map_err(Fetch::Write)?;
+        }
         Ok(())
+    }
+
+    /// Makes what is written durable, then records it and the hasher's state in the journal.
+    /// Skipped when another checkpoint is under way, unless `wait`; the next one covers it.
+    async fn checkpoint(&self, wait: bool) -> std::io::Result<()> {
+        let Some(checkpoints) = &self.checkpoints else {
+            return Ok(());
+        };
+        let _one_at_a_time = match wait {
+            true => checkpoints.busy.lock().await,
+            false => match checkpoints.busy.try_lock() {
+                Ok(guard) => guard,
+                Err(_) => return Ok(()),
+            },
+        };
+        let hashed = self.feed.checkpoint();
+        let written = self.progress.snapshot();
+        if written.iter().all(|w| *w == 0) {
+            return Ok(());
+        }
+        let journal = Journal {
+            written,
+            hashed: hashed.hashed,
+            hash_state: encode_hex(&hashed.hasher.state()),
+            ..checkpoints.template.clone()
+        };
+        let (file, path) = (self.file.clone(), checkpoints.path.clone());
+        tokio::task::spawn_blocking(move || {
+            file.sync_data()?;
+            journal.write(&path)
+        })
+        .await
+        .expect("checkpoint task panicked")
     }
 
     fn uri(&self) -> crate::redact::Redacted {
@@ -382,4 +582,18 @@ impl From<SourceError> for Fetch {
     fn from(e: SourceError) -> Self {
         Fetch::Source(e)
     }
+}
+
+fn encode_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
 }

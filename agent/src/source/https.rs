@@ -63,7 +63,9 @@ pub fn client(config: &crate::config::Config) -> Result<reqwest::Client, String>
         let pem =
             std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let certs = reqwest::Certificate::from_pem_bundle(&pem)
-            .map_err(|e| format!("{} holds no usable PEM certificate: {e}", path.display()))?;
+            .ok()
+            .filter(|certs| !certs.is_empty())
+            .ok_or_else(|| format!("{} holds no PEM certificate", path.display()))?;
         builder = builder.tls_certs_merge(certs);
     }
     builder

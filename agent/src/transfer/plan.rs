@@ -72,6 +72,19 @@ impl Progress {
         self.written[index].load(Ordering::Acquire)
     }
 
+    /// The written prefix of every range.
+    pub fn snapshot(&self) -> Vec<u64> {
+        self.written
+            .iter()
+            .map(|w| w.load(Ordering::Acquire))
+            .collect()
+    }
+
+    /// Bytes written over all ranges.
+    pub fn total(&self) -> u64 {
+        self.written.iter().map(|w| w.load(Ordering::Acquire)).sum()
+    }
+
     /// Records `len` more bytes of range `index` as written. Call only after the write returned.
     pub fn record(&self, index: usize, len: u64) {
         let before = self.written[index].fetch_add(len, Ordering::AcqRel);

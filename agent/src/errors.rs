@@ -24,14 +24,16 @@ impl fmt::Display for Chain<'_> {
     }
 }
 
-/// Whether `error` or one of its sources is an I/O error of `kind`.
+/// Whether `error` or one of its causes is an I/O error of `kind`. An `io::Error` that wraps
+/// another error does not list it as its source, so the wrapped error is searched too.
 pub fn has_io_kind(error: &(dyn Error + 'static), kind: std::io::ErrorKind) -> bool {
     let mut next = Some(error);
     while let Some(e) = next {
-        if e.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == kind)
-        {
-            return true;
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            let wrapped = io.get_ref().is_some_and(|inner| has_io_kind(inner, kind));
+            if io.kind() == kind || wrapped {
+                return true;
+            }
         }
         next = e.source();
     }
@@ -55,5 +57,11 @@ mod tests {
         assert_eq!(Chain(&e).to_string(), "outer failed: bad cert");
         assert!(has_io_kind(&e, std::io::ErrorKind::InvalidData));
         assert!(!has_io_kind(&e, std::io::ErrorKind::TimedOut));
+        let wrapped =
+            std::io::Error::other(std::io::Error::new(std::io::ErrorKind::InvalidData, "x"));
+        assert!(has_io_kind(
+            &Outer(wrapped),
+            std::io::ErrorKind::InvalidData
+        ));
     }
 }

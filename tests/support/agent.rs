@@ -25,6 +25,18 @@ pub struct ConfigOptions {
     pub extra: String,
 }
 
+impl ConfigOptions {
+    /// For an https-only origin: no `insecure_http`, and `[sources.https] ca_file` set when
+    /// given (a relative path is resolved against the `Setup` root, where the file lives).
+    pub fn https(ca_file: Option<&str>) -> ConfigOptions {
+        let ca = ca_file.map(|f| format!("[sources.https]\nca_file = '{f}'\n"));
+        ConfigOptions {
+            insecure_http: false,
+            extra: ca.unwrap_or_default(),
+        }
+    }
+}
+
 impl Default for ConfigOptions {
     fn default() -> Self {
         ConfigOptions {
@@ -104,6 +116,13 @@ impl Setup {
     /// Replaces the configuration file with `text`.
     pub fn write_config(&self, text: &str) {
         fs::write(self.config_path(), text).expect("write configuration");
+    }
+
+    /// Writes `contents` to `name` in the root directory; returns its path.
+    pub fn write_file(&self, name: &str, contents: &str) -> PathBuf {
+        let path = self.root().join(name);
+        fs::write(&path, contents).expect("write a file in the node directory");
+        path
     }
 
     /// Replaces the registry with these registrations.

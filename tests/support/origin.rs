@@ -2,6 +2,9 @@
 //! 127.0.0.1:0 on the caller's tokio runtime, serving in-memory objects the way a plain
 //! static-file server does (validators, single byte ranges, preconditions, no
 //! compression), plus per-path fault knobs and a log of every request it answered.
+//! `Origin::start_tls` serves the same over TLS (rustls), with a certificate for
+//! `localhost` and `127.0.0.1` issued by a fresh test CA; connections whose handshake
+//! fails are counted, and never reach the request log.
 //! Dropping the `Origin` stops the accept loop and every open connection.
 
 use std::collections::HashMap;
@@ -23,9 +26,17 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{HeaderMap, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Sleep;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
 /// Size of the body frames handed to hyper.
 const FRAME: usize = 64 * 1024;
@@ -75,19 +86,39 @@ pub struct Logged {
 /// A running loopback origin; see the module docs.
 pub struct Origin {
     addr: SocketAddr,
+    scheme: &'static str,
     state: Arc<State>,
     accept: JoinHandle<()>,
 }
 
+/// The test CA that issued a TLS origin's certificate.
+pub struct TestCa {
+    /// The CA certificate, PEM-encoded: what a client must trust.
+    pub cert_pem: String,
+}
+
 impl Origin {
-    /// Binds 127.0.0.1:0 and spawns the accept loop on the current runtime.
+    /// Binds 127.0.0.1:0 and spawns the plain HTTP accept loop on the current runtime.
     pub async fn start() -> Origin {
+        Origin::listen(None).await
+    }
+
+    /// Like `start`, but over TLS with a certificate from a new test CA, returned too.
+    pub async fn start_tls() -> (Origin, TestCa) {
+        let (ca, config) = issue_certificate();
+        let origin = Origin::listen(Some(TlsAcceptor::from(Arc::new(config)))).await;
+        (origin, ca)
+    }
+
+    async fn listen(tls: Option<TlsAcceptor>) -> Origin {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
         let addr = listener.local_addr().expect("origin address");
         let state = Arc::new(State::default());
-        let accept = tokio::spawn(accept_loop(listener, state.clone()));
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let accept = tokio::spawn(accept_loop(listener, state.clone(), tls));
         Origin {
             addr,
+            scheme,
             state,
             accept,
         }
@@ -97,9 +128,10 @@ impl Origin {
         self.addr
     }
 
-    /// `http://127.0.0.1:PORT{path}`; `path` should start with `/`.
+    /// `http://127.0.0.1:PORT{path}` (`https://` for a TLS origin); `path` should start
+    /// with `/`.
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
+        format!("{}://{}{}", self.scheme, self.addr, path)
     }
 
     /// Adds or replaces the object at `path`; every put yields a new ETag.
@@ -147,6 +179,36 @@ impl Origin {
     pub fn max_concurrent(&self) -> usize {
         self.state.max_in_flight.load(Ordering::SeqCst)
     }
+
+    /// Connections to a TLS origin whose handshake failed (e.g. an untrusting client).
+    pub fn failed_handshakes(&self) -> usize {
+        self.state.failed_handshakes.load(Ordering::SeqCst)
+    }
+}
+
+/// A new test CA, and a server configuration whose certificate it issued for `localhost`
+/// and `127.0.0.1`.
+fn issue_certificate() -> (TestCa, ServerConfig) {
+    let mut ca_params = CertificateParams::default();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    let ca_name = &mut ca_params.distinguished_name;
+    ca_name.push(DnType::CommonName, "blobstage test CA");
+    let ca_key = KeyPair::generate().expect("CA key");
+    let ca = CertifiedIssuer::self_signed(ca_params, ca_key).expect("CA certificate");
+
+    let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+    let mut params = CertificateParams::new(names).expect("server parameters");
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let key = KeyPair::generate().expect("server key");
+    let cert = params.signed_by(&key, &ca).expect("server certificate");
+
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let config = ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], key)
+        .expect("server TLS configuration");
+    (TestCa { cert_pem: ca.pem() }, config)
 }
 
 impl Drop for Origin {
@@ -191,6 +253,7 @@ struct State {
     inner: Mutex<Inner>,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
+    failed_handshakes: AtomicUsize,
 }
 
 impl State {
@@ -320,7 +383,7 @@ fn content_hash(body: &[u8]) -> u64 {
 
 // ---- serving -------------------------------------------------------------------------
 
-async fn accept_loop(listener: TcpListener, state: Arc<State>) {
+async fn accept_loop(listener: TcpListener, state: Arc<State>, tls: Option<TlsAcceptor>) {
     // Owning the connection tasks here means aborting this task aborts them all.
     let mut connections = JoinSet::new();
     loop {
@@ -329,12 +392,27 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
             continue;
         };
         while connections.try_join_next().is_some() {}
-        connections.spawn(serve_connection(stream, state.clone()));
+        connections.spawn(serve_connection(stream, state.clone(), tls.clone()));
     }
 }
 
-async fn serve_connection(stream: TcpStream, state: Arc<State>) {
+async fn serve_connection(stream: TcpStream, state: Arc<State>, tls: Option<TlsAcceptor>) {
     let _ = stream.set_nodelay(true);
+    let Some(tls) = tls else {
+        return serve_http(stream, state).await;
+    };
+    match tls.accept(stream).await {
+        Ok(stream) => serve_http(stream, state).await,
+        Err(_) => {
+            state.failed_handshakes.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+async fn serve_http<S>(stream: S, state: Arc<State>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let service = service_fn(move |req| handle(state.clone(), req));
     let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
     // Errors here are client hang-ups and injected cuts; nothing to report.

@@ -142,9 +142,8 @@ impl Setup {
         self.fetch_with(&[id]).await
     }
 
-    /// `blobstage fetch --config <config>` followed by `args`.
-    pub async fn fetch_with(&self, args: &[&str]) -> Run {
-        let before = self.all_events().len();
+    /// `blobstage fetch --config <config>` followed by `args`, ready to run.
+    pub fn fetch_command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_blobstage"));
         command.arg("fetch").arg("--config").arg(self.config_path());
         command.args(args).current_dir(self.root());
@@ -152,6 +151,22 @@ impl Setup {
             command.env_remove(name);
         }
         command.envs(self.env.iter().map(|(n, v)| (n, v)));
+        command
+    }
+
+    /// Starts `blobstage fetch` in the background, output discarded, for a test to kill.
+    pub fn spawn_fetch(&self, args: &[&str]) -> std::process::Child {
+        let mut command = self.fetch_command(args);
+        command
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        command.spawn().expect("start blobstage")
+    }
+
+    /// `blobstage fetch --config <config>` followed by `args`.
+    pub async fn fetch_with(&self, args: &[&str]) -> Run {
+        let before = self.all_events().len();
+        let mut command = self.fetch_command(args);
         let output = tokio::task::spawn_blocking(move || command.output())
             .await
             .expect("the runner task")

@@ -60,6 +60,10 @@ pub enum Fault {
     /// The first `times` GETs send `after` body bytes, then nothing, until the client
     /// hangs up (or the origin is dropped).
     Stall { after: u64, times: usize },
+    /// Every ranged GET that starts at or past `offset` sends `after` body bytes and then
+    /// stalls: a transfer freezes with everything before `offset` served, wherever the
+    /// connections happen to be.
+    StallFrom { offset: u64, after: u64 },
     /// Once `gets` GETs have been served, the object becomes `new_body` with a new ETag.
     ChangeAfter { gets: usize, new_body: Bytes },
     /// Every HEAD and GET answers `status` with this `Location`.
@@ -341,7 +345,7 @@ impl Inner {
     }
 
     /// The fault-driven adjustments for a request that reached the object.
-    fn quirks(&mut self, path: &str, is_get: bool) -> Quirks {
+    fn quirks(&mut self, path: &str, is_get: bool, range_start: Option<u64>) -> Quirks {
         let mut quirks = Quirks::default();
         let Some(armed) = self.faults.get_mut(path) else {
             return quirks;
@@ -355,6 +359,9 @@ impl Inner {
                 quirks.stop = Some((Stop::Cut, after));
             }
             Fault::Stall { after, times } if first_uses(times) => {
+                quirks.stop = Some((Stop::Stall, after));
+            }
+            Fault::StallFrom { offset, after } if is_get && range_start >= Some(offset) => {
                 quirks.stop = Some((Stop::Stall, after));
             }
             _ => {}
@@ -470,7 +477,9 @@ fn decide(inner: &mut Inner, ask: &Logged) -> Reply {
     let Some(object) = inner.objects.get(&ask.path).cloned() else {
         return Reply::empty(404);
     };
-    let quirks = inner.quirks(&ask.path, is_get);
+    let range_start = ask.range.as_deref().and_then(|r| r.strip_prefix("bytes="));
+    let range_start = range_start.and_then(|r| r.split('-').next()?.parse().ok());
+    let quirks = inner.quirks(&ask.path, is_get, range_start);
     serve_object(&object, ask, &quirks)
 }
 

@@ -174,6 +174,8 @@ impl Stager {
         event.requested_by = requester;
         let event = event.with_duration(started.elapsed());
 
+        // Limitation: the event goes straight to the control plane; there is no outbox, so an
+        // event that cannot be recorded is lost for a failed pull (a staged pull fails instead).
         match (
             self.control_plane
                 .report(std::slice::from_ref(&event))
@@ -343,6 +345,7 @@ fn prepare_ingest(
     match resumable(ingest, digest, info, chunk_size) {
         Ok(Some(resume)) => return Ok(Some(resume)),
         Ok(None) => {}
+        // Limitation: the reason is logged only; the pull's event does not carry it.
         Err(reason) => warn!(%reason, "discarding the partial transfer of an earlier run"),
     }
     ingest.create(info.size)?;

@@ -122,6 +122,9 @@ impl Store {
 
     /// Removes kept ingests whose data has not changed for `ttl`, unless a transfer holds them.
     /// Returns the bytes freed.
+    ///
+    /// Limitation: kept ingests do not count against a store size budget; there is no budget
+    /// and no garbage collection of blobs yet, so only their age removes them.
     pub fn sweep_ingests(&self, ttl: Duration) -> Result<u64, StoreError> {
         let dir = self.ingest_dir();
         let mut freed = 0;
@@ -229,6 +232,8 @@ impl Ingest {
             .mode(0o600)
             .open(&self.path)
             .map_err(at("create", &self.path))?;
+        // Limitation: a sparse file, not `fallocate`d, so a full disk shows up as a write error
+        // during the transfer instead of before it.
         file.set_len(size).map_err(at("size", &self.path))?;
         self.file = Some(Arc::new(file));
         Ok(())

@@ -248,6 +248,8 @@ impl Transfer {
     }
 
     /// The whole object in one request, retried from the start: without ranges nothing resumes.
+    ///
+    /// Limitation: a single stream is not checkpointed, so a kill restarts it from byte 0.
     async fn single_stream(&self) -> Result<Transferred, TransferError> {
         let mut retry = Retry::new(self.settings.max_attempts);
         loop {
@@ -395,6 +397,10 @@ impl Checkpoints {
     }
 
     /// Counts `len` more bytes written; true when a checkpoint is due.
+    ///
+    /// Limitation: bytes written while a slow `fdatasync` runs are covered by the next
+    /// checkpoint, so on a disk that cannot keep up a kill may cost more than
+    /// `connections × chunk_size`.
     fn due(&self, len: u64) -> bool {
         let since = self.since.fetch_add(len, Ordering::AcqRel) + len;
         since >= self.interval && self.since.swap(0, Ordering::AcqRel) >= self.interval

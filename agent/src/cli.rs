@@ -10,11 +10,15 @@ use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use control_client::{ArtifactId, FileControlPlane, Requester};
+use hyper::Method;
+use serde_json::{Value, json};
 use tracing_subscriber::EnvFilter;
 
+use crate::client::{Client, ClientError};
 use crate::config::Config;
 use crate::stage::{Staged, Stager};
 
@@ -36,6 +40,14 @@ struct Cli {
 enum Command {
     /// Stage one artifact now, without a daemon, and print the path of the verified blob.
     Fetch(FetchArgs),
+    /// Run the daemon: the local API on the Unix socket, health on loopback TCP.
+    Serve(ServeArgs),
+    /// Ask the running daemon for an artifact; with --wait, print its path once staged.
+    Pull(PullArgs),
+    /// List the blobs in the daemon's store.
+    Ls(ClientArgs),
+    /// Show the daemon's state: pulls in flight and the store.
+    Status(ClientArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -54,20 +66,73 @@ struct FetchArgs {
     artifact_id: String,
 }
 
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Configuration file.
+    #[arg(
+        long,
+        env = "BLOBSTAGE_CONFIG",
+        default_value = "/etc/blobstage/agent.toml"
+    )]
+    config: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+struct ClientArgs {
+    /// The daemon's socket.
+    #[arg(
+        long,
+        env = "BLOBSTAGE_SOCKET",
+        default_value = "/run/blobstage/agent.sock"
+    )]
+    socket: PathBuf,
+    /// Print the daemon's JSON answer.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct PullArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Wait until the blob is staged and print its path (a progress bar on a terminal).
+    #[arg(long)]
+    wait: bool,
+    /// Refuse the pull unless the artifact's registered digest is this one.
+    #[arg(long)]
+    digest: Option<String>,
+    /// The registered artifact.
+    artifact_id: String,
+}
+
 /// A failure to report: a stable code, a message, and the exit code.
 struct Failure {
-    code: &'static str,
+    code: String,
     message: String,
     exit: u8,
 }
 
 impl Failure {
-    fn usage(code: &'static str, message: String) -> Self {
+    fn usage(code: &str, message: String) -> Self {
         Failure {
-            code,
+            code: code.to_owned(),
             message,
             exit: EX_USAGE,
         }
+    }
+
+    fn runtime(code: &str, message: String) -> Self {
+        Failure {
+            code: code.to_owned(),
+            message,
+            exit: 1,
+        }
+    }
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        Failure::runtime(e.code(), crate::errors::Chain(&e).to_string())
     }
 }
 
@@ -86,6 +151,10 @@ pub fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Fetch(args) => fetch(args),
+        Command::Serve(args) => serve(args),
+        Command::Pull(args) => client_command(|| pull(args)),
+        Command::Ls(args) => client_command(|| ls(args)),
+        Command::Status(args) => client_command(|| status(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -96,45 +165,211 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn fetch(args: FetchArgs) -> Result<(), Failure> {
-    let config = Config::load(&args.config)
+/// Configuration, the HTTP client for sources and the control plane: what `fetch` and
+/// `serve` share. Any problem here is a usage error.
+fn load(
+    path: &std::path::Path,
+) -> Result<(Arc<Config>, reqwest::Client, Arc<FileControlPlane>), Failure> {
+    let config = Config::load(path)
         .map_err(|e| Failure::usage("config_invalid", crate::errors::Chain(&e).to_string()))?;
-    let id = ArtifactId::new(args.artifact_id)
-        .map_err(|e| Failure::usage("invalid_artifact_id", e.to_owned()))?;
-    init_logging("warn");
     let http =
         crate::source::https::client(&config).map_err(|e| Failure::usage("config_invalid", e))?;
-    let control_plane = Arc::new(FileControlPlane::new(
-        config.registry_path(),
-        config.events_log_path(),
-    ));
-    let config = Arc::new(config);
+    let control_plane = FileControlPlane::new(config.registry_path(), config.events_log_path());
+    Ok((Arc::new(config), http, Arc::new(control_plane)))
+}
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("blobstage")
         .build()
-        .map_err(|e| Failure {
-            code: "io_error",
-            message: format!("cannot start the runtime: {e}"),
-            exit: 1,
-        })?;
-    let staged = runtime.block_on(async {
-        let stager = Stager::new(config, control_plane, http).map_err(|e| Failure {
-            code: e.code(),
-            message: crate::errors::Chain(&e).to_string(),
-            exit: 1,
-        })?;
+        .map_err(|e| Failure::runtime("io_error", format!("cannot start the runtime: {e}")))
+}
+
+fn fetch(args: FetchArgs) -> Result<(), Failure> {
+    let (config, http, control_plane) = load(&args.config)?;
+    let id = ArtifactId::new(args.artifact_id)
+        .map_err(|e| Failure::usage("invalid_artifact_id", e.to_owned()))?;
+    init_logging("warn");
+    let staged = runtime()?.block_on(async {
+        let stager = Stager::new(config, control_plane, http)
+            .map_err(|e| Failure::runtime(e.code(), crate::errors::Chain(&e).to_string()))?;
         stager
             .pull(&id, Some(this_process()))
             .await
-            .map_err(|e| Failure {
-                code: e.code(),
-                message: crate::errors::Chain(&e).to_string(),
-                exit: 1,
-            })
+            .map_err(|e| Failure::runtime(e.code(), crate::errors::Chain(&e).to_string()))
     })?;
     print_staged(&staged, args.json);
+    Ok(())
+}
+
+fn serve(args: ServeArgs) -> Result<(), Failure> {
+    let (config, http, control_plane) = load(&args.config)?;
+    init_logging("info");
+    runtime()?.block_on(async {
+        crate::daemon::serve(config, control_plane, http)
+            .await
+            .map_err(|e| Failure::runtime("io_error", crate::errors::Chain(&e).to_string()))
+    })
+}
+
+/// Runs a client command on a small runtime of its own.
+fn client_command(command: impl AsyncFnOnce() -> Result<(), Failure>) -> Result<(), Failure> {
+    init_logging("warn");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::runtime("io_error", format!("cannot start the runtime: {e}")))?;
+    runtime.block_on(command())
+}
+
+async fn pull(args: PullArgs) -> Result<(), Failure> {
+    let client = Client::new(&args.client.socket);
+    let mut body = json!({ "artifact_id": args.artifact_id });
+    if let Some(digest) = args.digest {
+        body["digest"] = Value::String(digest);
+    }
+    let mut pull = client.call(Method::POST, "/v1/pulls", Some(&body)).await?;
+    if !args.wait {
+        match args.client.json {
+            true => println!("{pull}"),
+            false => println!("{}", pull["id"].as_str().unwrap_or_default()),
+        }
+        return Ok(());
+    }
+    let id = pull["id"].as_str().unwrap_or_default().to_owned();
+    let mut progress = Progress::new();
+    while !is_terminal(&pull) {
+        progress.show(&pull);
+        pull = client
+            .call(Method::GET, &format!("/v1/pulls/{id}?wait=1s"), None)
+            .await?;
+    }
+    progress.finish();
+    finish_pull(&pull, args.client.json)
+}
+
+fn is_terminal(pull: &Value) -> bool {
+    matches!(
+        pull["state"].as_str(),
+        Some("staged" | "failed" | "cancelled")
+    )
+}
+
+fn finish_pull(pull: &Value, json: bool) -> Result<(), Failure> {
+    match pull["state"].as_str() {
+        Some("staged") if json => println!("{pull}"),
+        Some("staged") => println!("{}", pull["path"].as_str().unwrap_or_default()),
+        Some("cancelled") => {
+            return Err(Failure::runtime(
+                "cancelled",
+                "the pull was cancelled".into(),
+            ));
+        }
+        _ => {
+            let code = pull["error"]["code"].as_str().unwrap_or("failed");
+            let message = pull["error"]["message"]
+                .as_str()
+                .unwrap_or("the pull failed");
+            return Err(Failure::runtime(code, message.to_owned()));
+        }
+    }
+    Ok(())
+}
+
+/// Progress of `pull --wait`: a bar when stdout is a terminal, a plain line on stderr every
+/// few seconds otherwise (stdout stays for the path alone).
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    last_line: Option<Instant>,
+}
+
+impl Progress {
+    fn new() -> Self {
+        let bar = std::io::stdout().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(0);
+            let style =
+                "{spinner} {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}";
+            bar.set_style(indicatif::ProgressStyle::with_template(style).expect("valid template"));
+            bar
+        });
+        Progress {
+            bar,
+            last_line: None,
+        }
+    }
+
+    fn show(&mut self, pull: &Value) {
+        let (done, total) = (
+            pull["bytes_done"].as_u64().unwrap_or(0),
+            pull["bytes_total"].as_u64(),
+        );
+        let state = pull["state"].as_str().unwrap_or("");
+        if let Some(bar) = &self.bar {
+            bar.set_length(total.unwrap_or(0));
+            bar.set_position(done);
+            bar.set_message(state.to_owned());
+            return;
+        }
+        if self
+            .last_line
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(5))
+        {
+            let total = total.map_or("?".to_owned(), |t| t.to_string());
+            eprintln!("{state}: {done} of {total} bytes");
+            self.last_line = Some(Instant::now());
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+async fn ls(args: ClientArgs) -> Result<(), Failure> {
+    let blobs = Client::new(&args.socket)
+        .call(Method::GET, "/v1/blobs", None)
+        .await?;
+    if args.json {
+        println!("{blobs}");
+        return Ok(());
+    }
+    for blob in blobs["blobs"].as_array().into_iter().flatten() {
+        let (digest, size) = (
+            blob["digest"].as_str().unwrap_or(""),
+            blob["size"].as_u64().unwrap_or(0),
+        );
+        println!(
+            "{digest}  {size:>14}  {}",
+            blob["path"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+async fn status(args: ClientArgs) -> Result<(), Failure> {
+    let status = Client::new(&args.socket)
+        .call(Method::GET, "/v1/status", None)
+        .await?;
+    if args.json {
+        println!("{status}");
+        return Ok(());
+    }
+    println!(
+        "node {} (blobstage {})",
+        status["node_id"].as_str().unwrap_or("?"),
+        status["version"].as_str().unwrap_or("?")
+    );
+    println!(
+        "pulls: {} active, {} queued",
+        status["pulls"]["active"], status["pulls"]["queued"]
+    );
+    println!(
+        "store: {} blobs, {} bytes",
+        status["store"]["blobs"], status["store"]["bytes"]
+    );
     Ok(())
 }
 

@@ -64,6 +64,12 @@ pub struct ApiConfig {
     pub socket: PathBuf,
     #[serde(default = "defaults::metrics_listen")]
     pub metrics_listen: SocketAddr,
+    /// Peers (by uid) allowed on the socket besides root and the daemon's own user.
+    #[serde(default)]
+    pub allowed_uids: Vec<u32>,
+    /// Peers (by primary gid) allowed on the socket.
+    #[serde(default)]
+    pub allowed_gids: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -106,6 +112,12 @@ pub struct TransferConfig {
     /// Partial transfers left untouched this long are removed instead of resumed.
     #[serde(default = "defaults::ingest_ttl", with = "humantime_serde")]
     pub ingest_ttl: Duration,
+    /// Blobs the daemon transfers at once; further pulls wait in a queue.
+    #[serde(default = "defaults::max_transfers")]
+    pub max_transfers: usize,
+    /// On SIGTERM, how long transfers get to checkpoint before the daemon exits anyway.
+    #[serde(default = "defaults::shutdown_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -302,6 +314,9 @@ impl Config {
             return invalid(
                 "transfer.max_connections must be at least connections_per_blob".into(),
             );
+        }
+        if t.max_transfers == 0 {
+            return invalid("transfer.max_transfers must be at least 1".into());
         }
         if t.max_attempts == 0 {
             return invalid("transfer.max_attempts must be at least 1".into());
@@ -523,6 +538,12 @@ mod defaults {
     pub(super) fn ingest_ttl() -> Duration {
         Duration::from_secs(24 * 3600)
     }
+    pub(super) fn max_transfers() -> usize {
+        4
+    }
+    pub(super) fn shutdown_grace() -> Duration {
+        Duration::from_secs(10)
+    }
 }
 
 impl Default for ApiConfig {
@@ -530,6 +551,8 @@ impl Default for ApiConfig {
         ApiConfig {
             socket: defaults::socket(),
             metrics_listen: defaults::metrics_listen(),
+            allowed_uids: Vec::new(),
+            allowed_gids: Vec::new(),
         }
     }
 }
@@ -545,6 +568,8 @@ impl Default for TransferConfig {
             max_attempts: defaults::max_attempts(),
             hash_window: defaults::hash_window(),
             ingest_ttl: defaults::ingest_ttl(),
+            max_transfers: defaults::max_transfers(),
+            shutdown_grace: defaults::shutdown_grace(),
         }
     }
 }

@@ -10,7 +10,9 @@
 #![warn(unreachable_pub, missing_debug_implementations)]
 
 pub mod cli;
+pub mod client;
 pub mod config;
+pub mod daemon;
 pub mod digest;
 pub mod errors;
 pub mod policy;

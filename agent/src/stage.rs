@@ -15,6 +15,10 @@ use control_client::{
     Artifact, ArtifactId, ControlPlane, ControlPlaneError, Digest, Event, Intent, Operation,
     Outcome, Requester,
 };
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::config::Config;
@@ -58,6 +62,8 @@ pub enum StageError {
     SizeMismatch { registered: u64, actual: u64 },
     #[error("transfer failed")]
     Transfer(#[from] TransferError),
+    #[error("the pinned digest {pinned} is not the registered {registered}")]
+    PinMismatch { pinned: Digest, registered: Digest },
     #[error("digest mismatch: expected {expected}, got {actual}")]
     DigestMismatch { expected: Digest, actual: Digest },
     #[error(transparent)]
@@ -80,6 +86,7 @@ impl StageError {
             StageError::SizeMismatch { .. } => "size_mismatch",
             StageError::Transfer(e) => e.code(),
             StageError::DigestMismatch { .. } => "digest_mismatch",
+            StageError::PinMismatch { .. } => "digest_pin_mismatch",
             StageError::Store(e) => e.code(),
             StageError::Unrecorded { source, .. } => source.code(),
         }
@@ -99,7 +106,8 @@ impl StageError {
             | "source_not_allowed"
             | "insecure_source"
             | "unsupported_source"
-            | "invalid_source_uri" => Outcome::Refused,
+            | "invalid_source_uri"
+            | "digest_pin_mismatch" => Outcome::Refused,
             _ => Outcome::Failed,
         }
     }
@@ -108,6 +116,74 @@ impl StageError {
 impl From<SourceError> for StageError {
     fn from(e: SourceError) -> Self {
         StageError::Source(e)
+    }
+}
+
+/// Where a pull stands, for whoever watches it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    Queued = 0,
+    Resolving = 1,
+    Transferring = 2,
+    Verifying = 3,
+}
+
+/// A window on a running pull, and the switch that cancels it.
+#[derive(Debug)]
+pub struct Observer {
+    phase: AtomicU8,
+    /// Bytes received from the source so far in this run.
+    received: Arc<AtomicU64>,
+    /// Bytes kept from an earlier run.
+    resumed: AtomicU64,
+    /// The object's size once the source said it; `u64::MAX` before.
+    total: AtomicU64,
+    cancel: CancellationToken,
+}
+
+impl Default for Observer {
+    fn default() -> Self {
+        Observer {
+            phase: AtomicU8::new(Phase::Queued as u8),
+            received: Arc::default(),
+            resumed: AtomicU64::new(0),
+            total: AtomicU64::new(u64::MAX),
+            cancel: CancellationToken::new(),
+        }
+    }
+}
+
+impl Observer {
+    pub fn phase(&self) -> Phase {
+        match self.phase.load(Ordering::Acquire) {
+            0 => Phase::Queued,
+            1 => Phase::Resolving,
+            2 => Phase::Transferring,
+            _ => Phase::Verifying,
+        }
+    }
+
+    pub fn set_phase(&self, phase: Phase) {
+        self.phase.store(phase as u8, Ordering::Release);
+    }
+
+    /// Bytes of the object on disk or received: kept from an earlier run plus fetched now.
+    pub fn bytes_done(&self) -> u64 {
+        self.resumed.load(Ordering::Acquire) + self.received.load(Ordering::Acquire)
+    }
+
+    pub fn bytes_total(&self) -> Option<u64> {
+        Some(self.total.load(Ordering::Acquire)).filter(|t| *t != u64::MAX)
+    }
+
+    /// Stops the pull at the next block; what was written is kept for a later resume.
+    pub fn cancel(&self) {
+        self.cancel.cancel();
+    }
+
+    pub fn cancellation(&self) -> &CancellationToken {
+        &self.cancel
     }
 }
 
@@ -120,6 +196,8 @@ pub struct Stager {
     policy: Arc<Policy>,
     store: Store,
     http: reqwest::Client,
+    /// `max_connections` for every transfer of this process together.
+    connections: Arc<Semaphore>,
 }
 
 impl Stager {
@@ -139,6 +217,7 @@ impl Stager {
         Ok(Stager {
             node_id: config.node_id(),
             policy: Arc::new(Policy::new(config.policy.clone())),
+            connections: Arc::new(Semaphore::new(config.transfer.max_connections)),
             config,
             control_plane,
             store,
@@ -146,17 +225,124 @@ impl Stager {
         })
     }
 
-    /// Stages `id` and records its event.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// Stages `id` and records its event: [`Stager::admit`], then [`Stager::stage`].
     pub async fn pull(
         &self,
         id: &ArtifactId,
         requester: Option<Requester>,
     ) -> Result<Staged, StageError> {
-        let started = Instant::now();
-        let mut digest = None;
-        let span = info_span!("pull", artifact = %id);
-        let result = self.stage(id, started, &mut digest).instrument(span).await;
+        let artifact = self.admit(id, requester).await?;
+        self.stage(artifact, requester, &Observer::default()).await
+    }
 
+    /// Resolves `id` and checks it against policy. A refusal is recorded as the pull's event.
+    pub async fn admit(
+        &self,
+        id: &ArtifactId,
+        requester: Option<Requester>,
+    ) -> Result<Artifact, StageError> {
+        let started = Instant::now();
+        let span = info_span!("admit", artifact = %id);
+        let admitted = self.resolve_and_check(id).instrument(span).await;
+        match admitted {
+            Ok(artifact) => Ok(artifact),
+            Err((digest, error)) => {
+                let recorded = self
+                    .record(id, digest, requester, started, Err(error))
+                    .await;
+                Err(recorded.expect_err("a refused pull stays refused"))
+            }
+        }
+    }
+
+    async fn resolve_and_check(
+        &self,
+        id: &ArtifactId,
+    ) -> Result<Artifact, (Option<Digest>, StageError)> {
+        let artifact = self
+            .control_plane
+            .resolve(id)
+            .await
+            .map_err(|e| (None, e.into()))?;
+        let digest = Some(artifact.digest.clone());
+        if artifact.id != *id {
+            let what = format!("asked for {id}, the answer is for {}", artifact.id);
+            return Err((digest, ControlPlaneError::Malformed { what }.into()));
+        }
+        let refused = |source| StageError::Refused {
+            artifact: id.clone(),
+            source,
+        };
+        match self.policy.check_artifact(&artifact) {
+            Ok(Admission::Admitted) => Ok(artifact),
+            Ok(Admission::AdmittedDeprecated) => {
+                warn!("artifact is deprecated; staging it anyway");
+                Ok(artifact)
+            }
+            Err(e) => Err((digest, refused(e))),
+        }
+    }
+
+    /// Stages an admitted artifact, reporting progress to `observer`, and records the event.
+    pub async fn stage(
+        &self,
+        artifact: Artifact,
+        requester: Option<Requester>,
+        observer: &Observer,
+    ) -> Result<Staged, StageError> {
+        let started = Instant::now();
+        let (id, digest) = (artifact.id.clone(), artifact.digest.clone());
+        let span = info_span!("pull", artifact = %id);
+        let result = self
+            .stage_admitted(artifact, started, observer)
+            .instrument(span)
+            .await;
+        self.record(&id, Some(digest), requester, started, result)
+            .await
+    }
+
+    /// Records a pull that ended before it was staged (cancelled while queued, or refused
+    /// by the daemon before it could be admitted).
+    pub async fn record_unstaged(
+        &self,
+        id: Option<&ArtifactId>,
+        digest: Option<Digest>,
+        outcome: Outcome,
+        code: &str,
+        requester: Option<Requester>,
+    ) {
+        let mut event = Event::new(&self.node_id, Operation::PullBlob, outcome);
+        event.artifact_id = id.cloned();
+        event.digest = digest;
+        event.error_code = Some(code.to_owned());
+        event.requested_by = requester;
+        if let Err(e) = self
+            .control_plane
+            .report(std::slice::from_ref(&event))
+            .await
+        {
+            warn!(error = %crate::errors::Chain(&e), code, "an event was not recorded");
+        }
+    }
+
+    /// Records the event of a pull, then hands its result back. The pull is not done before
+    /// its event is recorded.
+    async fn record(
+        &self,
+        id: &ArtifactId,
+        digest: Option<Digest>,
+        requester: Option<Requester>,
+        started: Instant,
+        result: Result<Staged, StageError>,
+    ) -> Result<Staged, StageError> {
         let mut event = match &result {
             Ok(staged) => {
                 let mut e = Event::new(&self.node_id, Operation::PullBlob, staged.outcome);
@@ -188,41 +374,32 @@ impl Stager {
                 source,
             }),
             (Err(report), Err(err)) => {
-                warn!(artifact = %id, error = %crate::errors::Chain(&report), "the event of this failed pull was not recorded");
+                warn!(artifact = %id, error = %crate::errors::Chain(&report),
+                    "the event of this failed pull was not recorded");
                 Err(err)
             }
         }
     }
 
-    async fn stage(
+    async fn stage_admitted(
         &self,
-        id: &ArtifactId,
+        artifact: Artifact,
         started: Instant,
-        digest: &mut Option<Digest>,
+        observer: &Observer,
     ) -> Result<Staged, StageError> {
-        let artifact = self.control_plane.resolve(id).await?;
-        if artifact.id != *id {
-            let what = format!("asked for {id}, the answer is for {}", artifact.id);
-            return Err(ControlPlaneError::Malformed { what }.into());
-        }
-        *digest = Some(artifact.digest.clone());
-        let refused = |source| StageError::Refused {
-            artifact: id.clone(),
-            source,
-        };
-        if self.policy.check_artifact(&artifact).map_err(refused)? == Admission::AdmittedDeprecated
-        {
-            warn!("artifact is deprecated; staging it anyway");
-        }
-
         if let Some((path, size)) = self.store.find(&artifact.digest)? {
-            info!(path = %path.display(), "already present");
             return Ok(already_present(path, artifact.digest, size, started));
         }
-        self.transfer(artifact, started).await
+        observer.set_phase(Phase::Resolving);
+        self.transfer(artifact, started, observer).await
     }
 
-    async fn transfer(&self, artifact: Artifact, started: Instant) -> Result<Staged, StageError> {
+    async fn transfer(
+        &self,
+        artifact: Artifact,
+        started: Instant,
+        observer: &Observer,
+    ) -> Result<Staged, StageError> {
         let credential = self
             .control_plane
             .credentials(&artifact.id, Intent::Pull, &self.node_id)
@@ -242,6 +419,7 @@ impl Stager {
             other => StageError::Source(other),
         })?;
         let info = transfer::stat(source.as_ref(), self.config.transfer.max_attempts).await?;
+        observer.total.store(info.size, Ordering::Release);
         if let Some(registered) = artifact.source.size_bytes.filter(|r| *r != info.size) {
             return Err(StageError::SizeMismatch {
                 registered,
@@ -265,20 +443,26 @@ impl Stager {
         let resume = prepare_ingest(&mut ingest, &artifact.digest, &info, settings.chunk_size)?;
         let algorithm = artifact.digest.algorithm();
         let mut transfer = Transfer::new(source, info, ingest.file(), algorithm, settings)
-            .with_journal(ingest.journal_path().to_owned(), &artifact.digest);
+            .with_journal(ingest.journal_path().to_owned(), &artifact.digest)
+            .with_budget(self.connections.clone())
+            .observed(observer.received.clone(), observer.cancel.clone());
         if let Some(resume) = resume {
+            observer.resumed.store(resume.bytes(), Ordering::Release);
             transfer = transfer.resuming(resume);
         }
+        observer.set_phase(Phase::Transferring);
         let transferred = match transfer.run().await {
             Ok(transferred) => transferred,
             Err(e) => {
                 let wrong_bytes = e.code() == "source_changed";
+                observer.set_phase(Phase::Verifying);
                 if wrong_bytes || !ingest.journal_path().exists() {
                     ingest.discard()?;
                 }
                 return Err(e.into());
             }
         };
+        observer.set_phase(Phase::Verifying);
         if transferred.digest != artifact.digest {
             ingest.discard()?;
             return Err(StageError::DigestMismatch {

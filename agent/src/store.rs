@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use control_client::Digest;
+use control_client::{Algorithm, Digest};
 
 use crate::transfer::journal;
 
@@ -88,6 +88,32 @@ impl Store {
             .join("blobs")
             .join(digest.algorithm().name())
             .join(digest.hex())
+    }
+
+    /// Every published blob: digest, path and size. Entries that are not blobs are skipped.
+    pub fn list(&self) -> Result<Vec<(Digest, PathBuf, u64)>, StoreError> {
+        let mut blobs = Vec::new();
+        for algorithm in [Algorithm::Sha256, Algorithm::Sha512] {
+            let dir = self.root.join("blobs").join(algorithm.name());
+            let entries = match fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(at("list", &dir)(e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(at("list", &dir))?;
+                let name = entry.file_name();
+                let digest = format!("{}:{}", algorithm.name(), name.to_string_lossy());
+                let (Ok(digest), Ok(meta)) = (digest.parse::<Digest>(), entry.metadata()) else {
+                    continue;
+                };
+                if meta.is_file() {
+                    blobs.push((digest, entry.path(), meta.len()));
+                }
+            }
+        }
+        blobs.sort_by(|a, b| a.1.cmp(&b.1));
+        Ok(blobs)
     }
 
     /// The published blob of `digest`, with its size, if it is in the store.

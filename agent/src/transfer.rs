@@ -40,7 +40,9 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use control_client::{Algorithm, Digest};
 use futures_util::StreamExt;
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::config::TransferConfig;
@@ -119,6 +121,8 @@ pub enum TransferError {
     Hash(#[source] std::io::Error),
     #[error("cannot checkpoint the transfer")]
     Checkpoint(#[source] std::io::Error),
+    #[error("the transfer was cancelled")]
+    Cancelled,
 }
 
 impl TransferError {
@@ -128,6 +132,7 @@ impl TransferError {
             TransferError::Write(_) | TransferError::Hash(_) | TransferError::Checkpoint(_) => {
                 "io_error"
             }
+            TransferError::Cancelled => "cancelled",
         }
     }
 }
@@ -171,6 +176,11 @@ impl Resume {
             checkpoint,
         })
     }
+
+    /// Bytes the earlier run left on disk.
+    pub fn bytes(&self) -> u64 {
+        self.written.iter().sum()
+    }
 }
 
 /// One object on its way from a source into an ingest file.
@@ -185,6 +195,9 @@ pub struct Transfer {
     /// Where checkpoints go, and the journal they are made from.
     journal: Option<(PathBuf, Journal)>,
     resume: Option<Resume>,
+    cancel: CancellationToken,
+    /// Connections for all transfers of the process together; one permit per range request.
+    budget: Option<Arc<Semaphore>>,
 }
 
 impl Transfer {
@@ -205,7 +218,23 @@ impl Transfer {
             received: Arc::default(),
             journal: None,
             resume: None,
+            cancel: CancellationToken::new(),
+            budget: None,
         }
+    }
+
+    /// Counts received bytes into `received` (so others can watch), and stops at the next
+    /// block when `cancel` fires, checkpointing what was written.
+    pub fn observed(mut self, received: Arc<AtomicU64>, cancel: CancellationToken) -> Self {
+        self.received = received;
+        self.cancel = cancel;
+        self
+    }
+
+    /// Holds a permit of `budget` during every range request.
+    pub fn with_budget(mut self, budget: Arc<Semaphore>) -> Self {
+        self.budget = Some(budget);
+        self
     }
 
     /// Checkpoints progress into the journal at `path`, for the object of `digest`.
@@ -314,6 +343,8 @@ impl Transfer {
             feed,
             next: AtomicUsize::new(0),
             received: self.received.clone(),
+            cancel: self.cancel.clone(),
+            budget: self.budget.clone(),
             ranged,
             max_attempts: if ranged {
                 self.settings.max_attempts
@@ -417,6 +448,8 @@ struct Worker {
     feed: HashFeed,
     next: AtomicUsize,
     received: Arc<AtomicU64>,
+    cancel: CancellationToken,
+    budget: Option<Arc<Semaphore>>,
     ranged: bool,
     max_attempts: u32,
     checkpoints: Option<Checkpoints>,
@@ -430,7 +463,11 @@ impl Worker {
             if index >= self.progress.plan().len() {
                 return Ok(());
             }
-            self.fetch_range(index).await?;
+            tokio::select! {
+                biased;
+                () = self.cancel.cancelled() => return Err(TransferError::Cancelled),
+                fetched = self.fetch_range(index) => fetched?,
+            }
         }
     }
 
@@ -450,7 +487,13 @@ impl Worker {
                 attempt = retry.attempt(),
                 "range request"
             );
-            let error = match self.fetch(index, from..range.end).await {
+            let permit = match &self.budget {
+                Some(budget) => Some(budget.clone().acquire_owned().await.expect("never closed")),
+                None => None,
+            };
+            let fetched = self.fetch(index, from..range.end).await;
+            drop(permit);
+            let error = match fetched {
                 Ok(()) => return Ok(()),
                 Err(Fetch::Write(e)) => return Err(TransferError::Write(e)),
                 Err(Fetch::Source(e)) => e,

@@ -1,0 +1,259 @@
+//! `blobstage serve`: the daemon runtime operators talk to.
+//!
+//! Binds the local API on the Unix socket (its directory created, a stale socket replaced, mode
+//! 0660) and the health listener on loopback TCP, serves until SIGTERM or SIGINT, then stops
+//! accepting, cancels the pulls in flight so that each checkpoints for a later resume, waits up
+//! to `shutdown_grace` for them, and returns. Peers are checked by the credentials of their
+//! socket: root and the daemon's own user, or exactly the configured `allowed_uids` and
+//! `allowed_gids` when either is set; anyone else gets 403 and a refused event.
+
+use std::convert::Infallible;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use control_client::{ControlPlane, Outcome, Requester};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::stage::Stager;
+
+pub mod api;
+pub mod pulls;
+
+use api::{Api, ApiError};
+use pulls::Pulls;
+
+/// How long a client may take to send a request's headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DaemonError {
+    #[error("cannot bind {what}")]
+    Bind {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// Who may use the socket.
+#[derive(Debug, Clone)]
+struct Peers {
+    uids: Vec<u32>,
+    gids: Vec<u32>,
+}
+
+impl Peers {
+    fn new(config: &Config) -> Self {
+        let api = &config.api;
+        if api.allowed_uids.is_empty() && api.allowed_gids.is_empty() {
+            let own = std::fs::metadata("/proc/self")
+                .map(|m| m.uid())
+                .unwrap_or(0);
+            return Peers {
+                uids: vec![0, own],
+                gids: Vec::new(),
+            };
+        }
+        Peers {
+            uids: api.allowed_uids.clone(),
+            gids: api.allowed_gids.clone(),
+        }
+    }
+
+    fn allows(&self, uid: u32, gid: u32) -> bool {
+        self.uids.contains(&uid) || self.gids.contains(&gid)
+    }
+}
+
+/// Runs the daemon until a termination signal, then shuts down gracefully.
+pub async fn serve(
+    config: Arc<Config>,
+    control_plane: Arc<dyn ControlPlane>,
+    http: reqwest::Client,
+) -> Result<(), DaemonError> {
+    let stager = Arc::new(Stager::new(config.clone(), control_plane, http)?);
+    let pulls = Pulls::new(stager, config.transfer.max_transfers);
+    let stopping = CancellationToken::new();
+    let api = Arc::new(Api {
+        pulls: pulls.clone(),
+        shutting_down: stopping.clone(),
+    });
+
+    let socket = bind_socket(&config.api.socket)?;
+    let health = TcpListener::bind(config.api.metrics_listen)
+        .await
+        .map_err(|source| DaemonError::Bind {
+            what: config.api.metrics_listen.to_string(),
+            source,
+        })?;
+    let metrics = health
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    info!(socket = %config.api.socket.display(), %metrics, "listening");
+
+    let peers = Peers::new(&config);
+    let serving = tokio::spawn(accept_socket(socket, api, peers, stopping.clone()));
+    let checks = tokio::spawn(accept_health(health, config.clone(), stopping.clone()));
+    wait_for_signal().await;
+
+    info!("shutting down");
+    stopping.cancel();
+    let finished = pulls.shut_down(config.transfer.shutdown_grace).await;
+    if !finished {
+        warn!(grace = ?config.transfer.shutdown_grace, "transfers did not stop within the grace period");
+    }
+    serving.abort();
+    checks.abort();
+    let _ = std::fs::remove_file(&config.api.socket);
+    info!("stopped");
+    Ok(())
+}
+
+fn bind_socket(path: &Path) -> Result<UnixListener, DaemonError> {
+    let bind_error = |source| DaemonError::Bind {
+        what: path.display().to_string(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(bind_error)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            std::fs::remove_file(path).map_err(bind_error)?
+        }
+        Ok(_) => {
+            let exists = std::io::Error::new(std::io::ErrorKind::AlreadyExists, "not a socket");
+            return Err(bind_error(exists));
+        }
+        Err(_) => {}
+    }
+    let listener = UnixListener::bind(path).map_err(bind_error)?;
+    let mode = std::fs::Permissions::from_mode(0o660);
+    std::fs::set_permissions(path, mode).map_err(bind_error)?;
+    Ok(listener)
+}
+
+async fn accept_socket(
+    listener: UnixListener,
+    api: Arc<Api>,
+    peers: Peers,
+    stopping: CancellationToken,
+) {
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    warn!(error = %e, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = stopping.cancelled() => return,
+        };
+        tokio::spawn(serve_peer(stream, api.clone(), peers.clone()));
+    }
+}
+
+async fn serve_peer(stream: UnixStream, api: Arc<Api>, peers: Peers) {
+    let Ok(credentials) = stream.peer_cred() else {
+        return;
+    };
+    let (uid, gid) = (credentials.uid(), credentials.gid());
+    let requester = Requester {
+        uid,
+        pid: credentials.pid(),
+    };
+    let allowed = peers.allows(uid, gid);
+    let service = service_fn(move |request| {
+        let api = api.clone();
+        async move {
+            if allowed {
+                return Ok::<_, Infallible>(api.handle(request, requester).await);
+            }
+            let stager = api.pulls.stager();
+            stager
+                .record_unstaged(
+                    None,
+                    None,
+                    Outcome::Refused,
+                    "peer_not_allowed",
+                    Some(requester),
+                )
+                .await;
+            let message = format!("uid {uid} may not use this socket");
+            Ok(ApiError::new(StatusCode::FORBIDDEN, "peer_not_allowed", message).into_response())
+        }
+    });
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service);
+    let _ = connection.await;
+}
+
+async fn accept_health(listener: TcpListener, config: Arc<Config>, stopping: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(_) => continue,
+            },
+            () = stopping.cancelled() => return,
+        };
+        let config = config.clone();
+        let service = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+            let ready = is_ready(&config);
+            async move { Ok::<_, Infallible>(health(request.uri().path(), ready)) }
+        });
+        tokio::spawn(async move {
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = connection.await;
+        });
+    }
+}
+
+/// Ready when the store and the control plane's registry can be reached.
+fn is_ready(config: &Config) -> bool {
+    config.state_dir.join("blobs").is_dir() && config.registry_path().is_file()
+}
+
+fn health(path: &str, ready: bool) -> Response<http_body_util::Full<bytes::Bytes>> {
+    let (status, text) = match path {
+        "/healthz" => (StatusCode::OK, "ok"),
+        "/readyz" if ready => (StatusCode::OK, "ready"),
+        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "not ready"),
+        _ => (StatusCode::NOT_FOUND, "not found"),
+    };
+    Response::builder()
+        .status(status)
+        .header(hyper::header::CONTENT_TYPE, "text/plain")
+        .body(http_body_util::Full::new(bytes::Bytes::from(text)))
+        .expect("a valid response")
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut interrupt = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+}

@@ -1,0 +1,365 @@
+//! The local API on the Unix socket: routing, peer checks, JSON in and out.
+//!
+//! Every answer is JSON. Every error is `{"error": {"code", "message"}}` with a stable code and
+//! a fitting status. Request bodies are bounded ([`MAX_BODY`]) and refuse unknown fields. The
+//! peer's uid and gid come from the socket (`SO_PEERCRED`), never from the request.
+//! The routes are listed in [`ROUTES`]; `docs/openapi.json` describes the same set, and a test
+//! holds the two together.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use control_client::{ArtifactId, Digest, Outcome, Requester};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tracing::{Instrument, debug, info_span};
+
+use super::pulls::{Created, Pulls};
+use crate::stage::StageError;
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 64 << 10;
+
+/// Longest long-poll a client may ask for.
+const MAX_WAIT: Duration = Duration::from_secs(300);
+
+/// Every (method, path template) the socket serves.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("POST", "/v1/pulls"),
+    ("GET", "/v1/pulls/{id}"),
+    ("DELETE", "/v1/pulls/{id}"),
+    ("GET", "/v1/blobs"),
+    ("GET", "/v1/blobs/{digest}"),
+    ("GET", "/v1/status"),
+];
+
+/// One route, with what its path carried.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Endpoint<'a> {
+    CreatePull,
+    GetPull(&'a str),
+    CancelPull(&'a str),
+    ListBlobs,
+    GetBlob(&'a str),
+    Status,
+}
+
+/// Matches a request to its route: `Err(true)` when the path exists for another method.
+pub fn route<'a>(method: &Method, path: &'a str) -> Result<Endpoint<'a>, bool> {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let endpoint = match (method, segments.as_slice()) {
+        (&Method::POST, ["v1", "pulls"]) => Endpoint::CreatePull,
+        (&Method::GET, ["v1", "pulls", id]) => Endpoint::GetPull(id),
+        (&Method::DELETE, ["v1", "pulls", id]) => Endpoint::CancelPull(id),
+        (&Method::GET, ["v1", "blobs"]) => Endpoint::ListBlobs,
+        (&Method::GET, ["v1", "blobs", digest]) => Endpoint::GetBlob(digest),
+        (&Method::GET, ["v1", "status"]) => Endpoint::Status,
+        (_, ["v1", "pulls"] | ["v1", "pulls", _] | ["v1", "blobs"] | ["v1", "blobs", _])
+        | (_, ["v1", "status"]) => return Err(true),
+        _ => return Err(false),
+    };
+    Ok(endpoint)
+}
+
+/// An API error: status, stable code, message.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+
+    pub fn into_response(self) -> Response<Full<Bytes>> {
+        let body = json!({ "error": { "code": self.code, "message": self.message } });
+        respond(self.status, &body)
+    }
+}
+
+impl From<StageError> for ApiError {
+    fn from(e: StageError) -> Self {
+        let status = match e.code() {
+            "not_registered" => StatusCode::NOT_FOUND,
+            "digest_pin_mismatch" => StatusCode::CONFLICT,
+            "control_plane_unavailable" => StatusCode::SERVICE_UNAVAILABLE,
+            "invalid_registration" => StatusCode::BAD_GATEWAY,
+            "io_error" => StatusCode::INTERNAL_SERVER_ERROR,
+            _ if e.outcome() == Outcome::Refused => StatusCode::FORBIDDEN,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.code(), crate::errors::Chain(&e).to_string())
+    }
+}
+
+pub fn respond(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
+    let body = Bytes::from(serde_json::to_vec(body).expect("JSON values serialize"));
+    Response::builder()
+        .status(status)
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(body))
+        .expect("a valid response")
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PullRequest {
+    artifact_id: String,
+    #[serde(default)]
+    digest: Option<String>,
+}
+
+/// The API's state: the pulls, and whether the daemon is stopping.
+#[derive(Debug)]
+pub struct Api {
+    pub pulls: Arc<Pulls>,
+    pub shutting_down: tokio_util::sync::CancellationToken,
+}
+
+impl Api {
+    /// Answers one request from `peer`.
+    pub async fn handle(
+        &self,
+        request: Request<Incoming>,
+        peer: Requester,
+    ) -> Response<Full<Bytes>> {
+        let span = info_span!("request", method = %request.method(), path = %request.uri().path(),
+            uid = peer.uid);
+        let answer = self.dispatch(request, peer).instrument(span.clone()).await;
+        let response = answer.unwrap_or_else(ApiError::into_response);
+        span.in_scope(|| debug!(status = response.status().as_u16(), "answered"));
+        response
+    }
+
+    async fn dispatch(
+        &self,
+        request: Request<Incoming>,
+        peer: Requester,
+    ) -> Result<Response<Full<Bytes>>, ApiError> {
+        let path = request.uri().path().to_owned();
+        let endpoint = route(request.method(), &path).map_err(|exists| match exists {
+            true => ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed here",
+            ),
+            false => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "route_not_found",
+                format!("no route {path}"),
+            ),
+        })?;
+        match endpoint {
+            Endpoint::CreatePull => {
+                let body = read_json::<PullRequest>(request).await?;
+                self.create_pull(body, peer).await
+            }
+            Endpoint::GetPull(id) => self.get_pull(id, request.uri().query()).await,
+            Endpoint::CancelPull(id) => self.cancel_pull(id).await,
+            Endpoint::ListBlobs => self.list_blobs(),
+            Endpoint::GetBlob(digest) => self.get_blob(digest),
+            Endpoint::Status => self.status(),
+        }
+    }
+
+    async fn create_pull(
+        &self,
+        body: PullRequest,
+        peer: Requester,
+    ) -> Result<Response<Full<Bytes>>, ApiError> {
+        if self.shutting_down.is_cancelled() {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "the daemon is stopping",
+            ));
+        }
+        let id = ArtifactId::new(body.artifact_id)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_artifact_id", e))?;
+        let pin = body.digest.map(|d| parse_digest(&d)).transpose()?;
+        let created = self.pulls.create(&id, pin.as_ref(), Some(peer)).await?;
+        let (status, pull) = match created {
+            Created::Started(pull) | Created::Joined(pull) => (StatusCode::ACCEPTED, pull),
+            Created::Present(pull) => (StatusCode::OK, pull),
+        };
+        Ok(respond(status, &pull.view()))
+    }
+
+    async fn get_pull(
+        &self,
+        id: &str,
+        query: Option<&str>,
+    ) -> Result<Response<Full<Bytes>>, ApiError> {
+        let wait = wait_of(query)?;
+        let pull = self.pulls.get(id).ok_or_else(|| not_found_pull(id))?;
+        if let Some(wait) = wait {
+            pull.wait(wait).await;
+        }
+        Ok(respond(StatusCode::OK, &pull.view()))
+    }
+
+    async fn cancel_pull(&self, id: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+        let pull = self.pulls.get(id).ok_or_else(|| not_found_pull(id))?;
+        pull.cancel();
+        pull.wait(Duration::from_secs(30)).await;
+        Ok(respond(StatusCode::OK, &pull.view()))
+    }
+
+    fn list_blobs(&self) -> Result<Response<Full<Bytes>>, ApiError> {
+        let blobs = self.pulls.stager().store().list().map_err(store_error)?;
+        let blobs: Vec<Value> = blobs
+            .into_iter()
+            .map(|(d, p, s)| blob_view(&d, &p, s))
+            .collect();
+        Ok(respond(StatusCode::OK, &json!({ "blobs": blobs })))
+    }
+
+    fn get_blob(&self, digest: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+        let digest = parse_digest(digest)?;
+        let found = self
+            .pulls
+            .stager()
+            .store()
+            .find(&digest)
+            .map_err(store_error)?;
+        let (path, size) = found.ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "blob_not_found",
+                format!("{digest} is not in the store"),
+            )
+        })?;
+        Ok(respond(StatusCode::OK, &blob_view(&digest, &path, size)))
+    }
+
+    fn status(&self) -> Result<Response<Full<Bytes>>, ApiError> {
+        let blobs = self.pulls.stager().store().list().map_err(store_error)?;
+        let bytes: u64 = blobs.iter().map(|(_, _, size)| size).sum();
+        let (active, queued) = self.pulls.counts();
+        let status = json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "node_id": self.pulls.stager().node_id(),
+            "pulls": { "active": active, "queued": queued },
+            "store": { "blobs": blobs.len(), "bytes": bytes },
+        });
+        Ok(respond(StatusCode::OK, &status))
+    }
+}
+
+fn blob_view(digest: &Digest, path: &std::path::Path, size: u64) -> Value {
+    json!({ "digest": digest, "path": path, "size": size })
+}
+
+fn not_found_pull(id: &str) -> ApiError {
+    let shown: String = id.chars().take(80).filter(|c| !c.is_control()).collect();
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "pull_not_found",
+        format!("no pull {shown}"),
+    )
+}
+
+fn store_error(e: crate::store::StoreError) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "io_error",
+        crate::errors::Chain(&e).to_string(),
+    )
+}
+
+fn parse_digest(text: &str) -> Result<Digest, ApiError> {
+    text.parse().map_err(|e: control_client::DigestError| {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_digest", e.to_string())
+    })
+}
+
+/// `wait=30s` from the query string, capped at [`MAX_WAIT`].
+fn wait_of(query: Option<&str>) -> Result<Option<Duration>, ApiError> {
+    let Some(value) = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|p| p.strip_prefix("wait="))
+    else {
+        return Ok(None);
+    };
+    let wait = humantime::parse_duration(value)
+        .map_err(|_| ApiError::bad_request("wait must be a duration such as 30s"))?;
+    Ok(Some(wait.min(MAX_WAIT)))
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(
+    request: Request<Incoming>,
+) -> Result<T, ApiError> {
+    let body = Limited::new(request.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    "the body exceeds 64 KiB",
+                )
+            } else {
+                ApiError::bad_request("the body could not be read")
+            }
+        })?;
+    serde_json::from_slice(&body.to_bytes()).map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every listed route reaches an endpoint, and every endpoint is listed.
+    #[test]
+    fn routes_and_the_router_agree() {
+        let mut reached = Vec::new();
+        for (method, template) in ROUTES {
+            let method: Method = method.parse().unwrap();
+            let path = template
+                .replace("{id}", "p-1")
+                .replace("{digest}", "sha256:ab");
+            let endpoint = route(&method, &path).unwrap_or_else(|_| panic!("{template} unrouted"));
+            reached.push(
+                format!("{endpoint:?}")
+                    .split('(')
+                    .next()
+                    .unwrap()
+                    .to_owned(),
+            );
+        }
+        reached.sort();
+        reached.dedup();
+        assert_eq!(reached.len(), ROUTES.len(), "two routes reach one endpoint");
+        assert_eq!(route(&Method::PUT, "/v1/pulls"), Err(true));
+        assert_eq!(route(&Method::GET, "/v2/pulls"), Err(false));
+        assert_eq!(route(&Method::GET, "/v1/pulls/a/b"), Err(false));
+    }
+
+    #[test]
+    fn wait_is_parsed_and_capped() {
+        assert_eq!(wait_of(None).unwrap(), None);
+        assert_eq!(
+            wait_of(Some("x=1&wait=2s")).unwrap(),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(wait_of(Some("wait=1h")).unwrap(), Some(MAX_WAIT));
+        assert!(wait_of(Some("wait=soon")).is_err());
+    }
+}

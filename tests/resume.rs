@@ -60,8 +60,16 @@ async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
-/// Waits until the origin has stopped sending for a while, then kills `child` with SIGKILL.
-async fn kill_when_frozen(mut child: Child, origin: &Origin, path: &str, stalled: usize) {
+/// Waits until the origin has stopped sending and the journal has stopped changing (the last
+/// checkpoint is written; under a busy disk its `fdatasync` can take a while), then kills
+/// `child` with SIGKILL.
+async fn kill_when_frozen(
+    mut child: Child,
+    origin: &Origin,
+    path: &str,
+    stalled: usize,
+    journal: &std::path::Path,
+) {
     let stalled_gets = || {
         let log = origin.requests();
         log.iter()
@@ -69,10 +77,11 @@ async fn kill_when_frozen(mut child: Child, origin: &Origin, path: &str, stalled
             .count()
     };
     wait_until("the transfer stalls", || stalled_gets() >= stalled).await;
-    let mut last = origin.body_bytes_sent(path);
+    let observe = || (origin.body_bytes_sent(path), fs::read(journal).ok());
+    let mut last = observe();
     loop {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let now = origin.body_bytes_sent(path);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = observe();
         if now == last {
             break;
         }
@@ -116,7 +125,15 @@ async fn killed_run(setup: &Setup, origin: &Origin, body: &[u8], offset: u64, af
         gets_before_offset + CONNECTIONS as usize
     };
     let ranges = body.len().div_ceil(CHUNK as usize) + 1;
-    kill_when_frozen(child, origin, "/blob", expected_stalls.min(ranges)).await;
+    let journal = journal_path(setup, body);
+    kill_when_frozen(
+        child,
+        origin,
+        "/blob",
+        expected_stalls.min(ranges),
+        &journal,
+    )
+    .await;
     origin.clear_fault("/blob");
     assert_unpublished(setup);
     origin.body_bytes_sent("/blob")
@@ -128,6 +145,9 @@ async fn resumed_run(setup: &Setup, origin: &Origin, body: &[u8]) -> (Value, u64
     let before = origin.body_bytes_sent("/blob");
     let run = setup.fetch_with(&["--json", "t/blob@1"]).await;
     let json = json_of(&run);
+    if json["bytes_resumed"] == 0 {
+        eprintln!("the resumed run kept nothing: {}", run.stderr);
+    }
     assert_eq!(fs::read(path_of(&json)).unwrap(), body);
     assert_eq!(json["outcome"], "staged");
     let fetched = origin.body_bytes_sent("/blob") - before - 1;

@@ -433,8 +433,12 @@ impl Checkpoints {
     /// checkpoint, so on a disk that cannot keep up a kill may cost more than
     /// `connections × chunk_size`.
     fn due(&self, len: u64) -> bool {
-        let since = self.since.fetch_add(len, Ordering::AcqRel) + len;
-        since >= self.interval && self.since.swap(0, Ordering::AcqRel) >= self.interval
+        self.since.fetch_add(len, Ordering::AcqRel) + len >= self.interval
+    }
+
+    /// Starts a checkpoint: everything written so far is about to be covered.
+    fn covering(&self) {
+        self.since.store(0, Ordering::Release);
     }
 }
 
@@ -586,6 +590,9 @@ impl Worker {
 
     /// Makes what is written durable, then records it and the hasher's state in the journal.
     /// Skipped when another checkpoint is under way, unless `wait`; the next one covers it.
+    /// A writer that finds a checkpoint under way goes on; the checkpoint's owner takes another
+    /// one as soon as it is done if more than an interval was written meanwhile, so a burst of
+    /// writes that ends during a slow `fdatasync` is still covered.
     async fn checkpoint(&self, wait: bool) -> std::io::Result<()> {
         let Some(checkpoints) = &self.checkpoints else {
             return Ok(());
@@ -597,6 +604,16 @@ impl Worker {
                 Err(_) => return Ok(()),
             },
         };
+        loop {
+            checkpoints.covering();
+            self.write_checkpoint(checkpoints).await?;
+            if wait || !checkpoints.due(0) {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn write_checkpoint(&self, checkpoints: &Checkpoints) -> std::io::Result<()> {
         let hashed = self.feed.checkpoint();
         let written = self.progress.snapshot();
         if written.iter().all(|w| *w == 0) {

@@ -44,6 +44,8 @@ enum Command {
     Serve(ServeArgs),
     /// Ask the running daemon for an artifact; with --wait, print its path once staged.
     Pull(PullArgs),
+    /// Re-hash a staged blob (or a file, with --digest and --path) against its digest.
+    Verify(VerifyArgs),
     /// List the blobs in the daemon's store.
     Ls(ClientArgs),
     /// Show the daemon's state: pulls in flight and the store.
@@ -105,6 +107,21 @@ struct PullArgs {
     artifact_id: String,
 }
 
+#[derive(Debug, clap::Args)]
+struct VerifyArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The digest a file must have (with --path).
+    #[arg(long, requires = "path", conflicts_with = "artifact_id")]
+    digest: Option<String>,
+    /// A file to verify against --digest.
+    #[arg(long, requires = "digest")]
+    path: Option<PathBuf>,
+    /// The registered artifact whose staged blob to verify.
+    #[arg(required_unless_present = "digest")]
+    artifact_id: Option<String>,
+}
+
 /// A failure to report: a stable code, a message, and the exit code.
 struct Failure {
     code: String,
@@ -153,6 +170,7 @@ pub fn main() -> ExitCode {
         Command::Fetch(args) => fetch(args),
         Command::Serve(args) => serve(args),
         Command::Pull(args) => client_command(|| pull(args)),
+        Command::Verify(args) => client_command(|| verify(args)),
         Command::Ls(args) => client_command(|| ls(args)),
         Command::Status(args) => client_command(|| status(args)),
     };
@@ -326,6 +344,30 @@ impl Progress {
             bar.finish_and_clear();
         }
     }
+}
+
+async fn verify(args: VerifyArgs) -> Result<(), Failure> {
+    let body = match (args.artifact_id, args.digest, args.path) {
+        (Some(id), _, _) => json!({ "artifact_id": id }),
+        (None, Some(digest), Some(path)) => {
+            let path = std::path::absolute(&path).unwrap_or(path);
+            json!({ "digest": digest, "path": path })
+        }
+        _ => {
+            return Err(Failure::usage(
+                "invalid_request",
+                "give ARTIFACT_ID, or --digest and --path".into(),
+            ));
+        }
+    };
+    let verified = Client::new(&args.client.socket)
+        .call(Method::POST, "/v1/verify", Some(&body))
+        .await?;
+    match args.client.json {
+        true => println!("{verified}"),
+        false => println!("{}", verified["path"].as_str().unwrap_or_default()),
+    }
+    Ok(())
 }
 
 async fn ls(args: ClientArgs) -> Result<(), Failure> {

@@ -21,6 +21,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
+pub mod verify;
+
 use crate::config::Config;
 use crate::policy::{Admission, Policy, PolicyError};
 use crate::source::ObjectInfo;

@@ -116,6 +116,24 @@ impl Store {
         Ok(blobs)
     }
 
+    /// Moves the blob of `digest` out of `blobs/` into `quarantine/`, where nothing serves it.
+    pub fn quarantine(&self, digest: &Digest) -> Result<PathBuf, StoreError> {
+        let dir = self.root.join("quarantine");
+        fs::create_dir_all(&dir).map_err(at("create", &dir))?;
+        let stamp = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let to = dir.join(format!(
+            "{}-{}-{}",
+            digest.algorithm(),
+            digest.hex(),
+            stamp.as_secs()
+        ));
+        let from = self.blob_path(digest);
+        fs::rename(&from, &to).map_err(at("quarantine", &from))?;
+        Ok(to)
+    }
+
     /// The published blob of `digest`, with its size, if it is in the store.
     pub fn find(&self, digest: &Digest) -> Result<Option<(PathBuf, u64)>, StoreError> {
         let path = self.blob_path(digest);

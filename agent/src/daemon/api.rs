@@ -20,6 +20,7 @@ use tracing::{Instrument, debug, info_span};
 
 use super::pulls::{Created, Pulls};
 use crate::stage::StageError;
+use crate::stage::verify::{Target, VerifyError};
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 << 10;
@@ -35,6 +36,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/blobs"),
     ("GET", "/v1/blobs/{digest}"),
     ("GET", "/v1/status"),
+    ("POST", "/v1/verify"),
 ];
 
 /// One route, with what its path carried.
@@ -46,6 +48,7 @@ pub enum Endpoint<'a> {
     ListBlobs,
     GetBlob(&'a str),
     Status,
+    Verify,
 }
 
 /// Matches a request to its route: `Err(true)` when the path exists for another method.
@@ -58,8 +61,9 @@ pub fn route<'a>(method: &Method, path: &'a str) -> Result<Endpoint<'a>, bool> {
         (&Method::GET, ["v1", "blobs"]) => Endpoint::ListBlobs,
         (&Method::GET, ["v1", "blobs", digest]) => Endpoint::GetBlob(digest),
         (&Method::GET, ["v1", "status"]) => Endpoint::Status,
+        (&Method::POST, ["v1", "verify"]) => Endpoint::Verify,
         (_, ["v1", "pulls"] | ["v1", "pulls", _] | ["v1", "blobs"] | ["v1", "blobs", _])
-        | (_, ["v1", "status"]) => return Err(true),
+        | (_, ["v1", "status"] | ["v1", "verify"]) => return Err(true),
         _ => return Err(false),
     };
     Ok(endpoint)
@@ -94,6 +98,12 @@ impl ApiError {
 
 impl From<StageError> for ApiError {
     fn from(e: StageError) -> Self {
+        ApiError::from_stage(&e)
+    }
+}
+
+impl ApiError {
+    fn from_stage(e: &StageError) -> Self {
         let status = match e.code() {
             "not_registered" => StatusCode::NOT_FOUND,
             "digest_pin_mismatch" => StatusCode::CONFLICT,
@@ -103,7 +113,7 @@ impl From<StageError> for ApiError {
             _ if e.outcome() == Outcome::Refused => StatusCode::FORBIDDEN,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        ApiError::new(status, e.code(), crate::errors::Chain(&e).to_string())
+        ApiError::new(status, e.code(), crate::errors::Chain(e).to_string())
     }
 }
 
@@ -122,6 +132,18 @@ struct PullRequest {
     artifact_id: String,
     #[serde(default)]
     digest: Option<String>,
+}
+
+/// `{"artifact_id"}`, or `{"digest", "path"}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerifyRequest {
+    #[serde(default)]
+    artifact_id: Option<String>,
+    #[serde(default)]
+    digest: Option<String>,
+    #[serde(default)]
+    path: Option<String>,
 }
 
 /// The API's state: the pulls, and whether the daemon is stopping.
@@ -174,6 +196,10 @@ impl Api {
             Endpoint::ListBlobs => self.list_blobs(),
             Endpoint::GetBlob(digest) => self.get_blob(digest),
             Endpoint::Status => self.status(),
+            Endpoint::Verify => {
+                let body = read_json::<VerifyRequest>(request).await?;
+                self.verify(body, peer).await
+            }
         }
     }
 
@@ -220,6 +246,37 @@ impl Api {
         Ok(respond(StatusCode::OK, &pull.view()))
     }
 
+    async fn verify(
+        &self,
+        body: VerifyRequest,
+        peer: Requester,
+    ) -> Result<Response<Full<Bytes>>, ApiError> {
+        let target =
+            match (body.artifact_id, body.digest, body.path) {
+                (Some(id), None, None) => Target::Artifact(ArtifactId::new(id).map_err(|e| {
+                    ApiError::new(StatusCode::BAD_REQUEST, "invalid_artifact_id", e)
+                })?),
+                (None, Some(digest), Some(path)) => Target::File {
+                    digest: parse_digest(&digest)?,
+                    path: path.into(),
+                },
+                _ => {
+                    return Err(ApiError::bad_request(
+                        "give artifact_id, or digest and path",
+                    ));
+                }
+            };
+        let verified = self
+            .pulls
+            .stager()
+            .verify(target, Some(peer))
+            .await
+            .map_err(verify_error)?;
+        let mut view = blob_view(&verified.digest, &verified.path, verified.size);
+        view["outcome"] = json!("verified");
+        Ok(respond(StatusCode::OK, &view))
+    }
+
     fn list_blobs(&self) -> Result<Response<Full<Bytes>>, ApiError> {
         let blobs = self.pulls.stager().store().list().map_err(store_error)?;
         let blobs: Vec<Value> = blobs
@@ -263,6 +320,17 @@ impl Api {
 
 fn blob_view(digest: &Digest, path: &std::path::Path, size: u64) -> Value {
     json!({ "digest": digest, "path": path, "size": size })
+}
+
+fn verify_error(e: VerifyError) -> ApiError {
+    let status = match &e {
+        VerifyError::Stage(stage) => return ApiError::from_stage(stage),
+        VerifyError::NotStaged { .. } => StatusCode::NOT_FOUND,
+        VerifyError::NotAllowed { .. } => StatusCode::FORBIDDEN,
+        VerifyError::Read { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        VerifyError::Mismatch { .. } => StatusCode::CONFLICT,
+    };
+    ApiError::new(status, e.code(), crate::errors::Chain(&e).to_string())
 }
 
 fn not_found_pull(id: &str) -> ApiError {

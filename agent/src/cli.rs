@@ -50,6 +50,8 @@ enum Command {
     Ls(ClientArgs),
     /// Show the daemon's state: pulls in flight and the store.
     Status(ClientArgs),
+    /// Evict least recently used, unleased blobs down to the store's low watermark.
+    Gc(ClientArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -173,6 +175,7 @@ pub fn main() -> ExitCode {
         Command::Verify(args) => client_command(|| verify(args)),
         Command::Ls(args) => client_command(|| ls(args)),
         Command::Status(args) => client_command(|| status(args)),
+        Command::Gc(args) => client_command(|| gc(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -388,6 +391,25 @@ async fn ls(args: ClientArgs) -> Result<(), Failure> {
             blob["path"].as_str().unwrap_or("")
         );
     }
+    Ok(())
+}
+
+async fn gc(args: ClientArgs) -> Result<(), Failure> {
+    let report = Client::new(&args.socket)
+        .call(Method::POST, "/v1/gc", None)
+        .await?;
+    if args.json {
+        println!("{report}");
+        return Ok(());
+    }
+    for blob in report["evicted"].as_array().into_iter().flatten() {
+        println!(
+            "evicted {}  {}",
+            blob["digest"].as_str().unwrap_or(""),
+            blob["size"]
+        );
+    }
+    println!("freed {} bytes", report["freed_bytes"]);
     Ok(())
 }
 

@@ -24,6 +24,7 @@ const NOT_CONFIG_VARS: &[&str] = &["BLOBSTAGE_CONFIG", "BLOBSTAGE_SOCKET", "BLOB
 /// Sections whose keys the environment may override, longest first so that
 /// `SOURCES_AZURE_BLOB_` wins over a shorter prefix.
 const SECTIONS: &[&str] = &[
+    "store",
     "sources.artifact_store",
     "sources.huggingface",
     "sources.azure_blob",
@@ -51,6 +52,8 @@ pub struct Config {
     pub control_plane: ControlPlaneConfig,
     #[serde(default)]
     pub transfer: TransferConfig,
+    #[serde(default)]
+    pub store: StoreConfig,
     #[serde(default)]
     pub sources: SourcesConfig,
     #[serde(default)]
@@ -118,6 +121,16 @@ pub struct TransferConfig {
     /// On SIGTERM, how long transfers get to checkpoint before the daemon exits anyway.
     #[serde(default = "defaults::shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
+}
+
+/// The content store's size budget. Without a high watermark, nothing is evicted on its own.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// When the blobs exceed this, least recently used unleased blobs are evicted...
+    pub high_watermark: Option<ByteSize>,
+    /// ...until they fit in this. `blobstage gc` also collects down to it.
+    pub low_watermark: Option<ByteSize>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -313,6 +326,14 @@ impl Config {
         if t.max_connections < t.connections_per_blob {
             return invalid(
                 "transfer.max_connections must be at least connections_per_blob".into(),
+            );
+        }
+        let s = &self.store;
+        if s.high_watermark.is_some() && s.low_watermark.is_none()
+            || s.low_watermark > s.high_watermark && s.high_watermark.is_some()
+        {
+            return invalid(
+                "store.low_watermark must be set and at most store.high_watermark".into(),
             );
         }
         if t.max_transfers == 0 {

@@ -26,10 +26,12 @@ use crate::config::Config;
 use crate::stage::Stager;
 
 pub mod api;
+pub mod leases;
 pub mod pulls;
 
 use api::{Api, ApiError};
-use pulls::Pulls;
+use leases::Leases;
+use pulls::{Pulls, Watermarks};
 
 /// How long a client may take to send a request's headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -45,6 +47,12 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    #[error("cannot read the leases in {}", path.display())]
+    Leases {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Who may use the socket.
@@ -84,7 +92,14 @@ pub async fn serve(
     http: reqwest::Client,
 ) -> Result<(), DaemonError> {
     let stager = Arc::new(Stager::new(config.clone(), control_plane, http)?);
-    let pulls = Pulls::new(stager, config.transfer.max_transfers);
+    let path = config.state_dir.join("leases.json");
+    let leases =
+        Leases::load(path.clone()).map_err(|source| DaemonError::Leases { path, source })?;
+    let watermarks = Watermarks {
+        high: config.store.high_watermark.map(|s| s.0),
+        low: config.store.low_watermark.map(|s| s.0),
+    };
+    let pulls = Pulls::new(stager, config.transfer.max_transfers, leases, watermarks);
     let stopping = CancellationToken::new();
     let api = Arc::new(Api {
         pulls: pulls.clone(),

@@ -390,6 +390,7 @@ impl Stager {
         observer: &Observer,
     ) -> Result<Staged, StageError> {
         if let Some((path, size)) = self.store.find(&artifact.digest)? {
+            self.store.touch(&artifact.digest);
             return Ok(already_present(path, artifact.digest, size, started));
         }
         observer.set_phase(Phase::Resolving);

@@ -33,6 +33,8 @@ use control_client::{Algorithm, Digest};
 
 use crate::transfer::journal;
 
+pub mod gc;
+
 /// Mode of published blobs: readable by the runtimes, writable by no one.
 const BLOB_MODE: u32 = 0o444;
 
@@ -114,6 +116,39 @@ impl Store {
         }
         blobs.sort_by(|a, b| a.1.cmp(&b.1));
         Ok(blobs)
+    }
+
+    /// Marks the blob of `digest` as used now, for least-recently-used eviction.
+    pub fn touch(&self, digest: &Digest) {
+        let path = self.blob_path(digest);
+        if let Ok(file) = File::open(&path) {
+            let _ = file.set_modified(SystemTime::now());
+        }
+    }
+
+    /// Evicts least recently used blobs not in `protected` until the store holds at most
+    /// `low` bytes. Returns what was evicted.
+    pub fn collect(
+        &self,
+        low: u64,
+        protected: &std::collections::HashSet<Digest>,
+    ) -> Result<Vec<gc::Candidate>, StoreError> {
+        let mut candidates = Vec::new();
+        for (digest, path, size) in self.list()? {
+            let meta = fs::symlink_metadata(&path).map_err(at("inspect", &path))?;
+            let last_used = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+            candidates.push(gc::Candidate {
+                digest,
+                size,
+                last_used,
+            });
+        }
+        let evict = gc::plan(candidates, protected, low);
+        for blob in &evict {
+            let path = self.blob_path(&blob.digest);
+            fs::remove_file(&path).map_err(at("evict", &path))?;
+        }
+        Ok(evict)
     }
 
     /// Moves the blob of `digest` out of `blobs/` into `quarantine/`, where nothing serves it.

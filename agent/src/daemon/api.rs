@@ -37,6 +37,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/blobs/{digest}"),
     ("GET", "/v1/status"),
     ("POST", "/v1/verify"),
+    ("POST", "/v1/leases"),
+    ("DELETE", "/v1/leases/{id}"),
+    ("POST", "/v1/gc"),
 ];
 
 /// One route, with what its path carried.
@@ -49,6 +52,9 @@ pub enum Endpoint<'a> {
     GetBlob(&'a str),
     Status,
     Verify,
+    TakeLease,
+    ReleaseLease(&'a str),
+    Collect,
 }
 
 /// Matches a request to its route: `Err(true)` when the path exists for another method.
@@ -62,8 +68,11 @@ pub fn route<'a>(method: &Method, path: &'a str) -> Result<Endpoint<'a>, bool> {
         (&Method::GET, ["v1", "blobs", digest]) => Endpoint::GetBlob(digest),
         (&Method::GET, ["v1", "status"]) => Endpoint::Status,
         (&Method::POST, ["v1", "verify"]) => Endpoint::Verify,
-        (_, ["v1", "pulls"] | ["v1", "pulls", _] | ["v1", "blobs"] | ["v1", "blobs", _])
-        | (_, ["v1", "status"] | ["v1", "verify"]) => return Err(true),
+        (&Method::POST, ["v1", "leases"]) => Endpoint::TakeLease,
+        (&Method::DELETE, ["v1", "leases", id]) => Endpoint::ReleaseLease(id),
+        (&Method::POST, ["v1", "gc"]) => Endpoint::Collect,
+        (_, ["v1", "pulls" | "blobs" | "leases"] | ["v1", "pulls" | "blobs" | "leases", _])
+        | (_, ["v1", "status" | "verify" | "gc"]) => return Err(true),
         _ => return Err(false),
     };
     Ok(endpoint)
@@ -146,6 +155,17 @@ struct VerifyRequest {
     path: Option<String>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LeaseRequest {
+    holder: String,
+    digests: Vec<String>,
+    ttl_seconds: u64,
+}
+
+/// Longest lease: a holder renews rather than pinning blobs forever.
+const MAX_LEASE: u64 = 30 * 24 * 3600;
+
 /// The API's state: the pulls, and whether the daemon is stopping.
 #[derive(Debug)]
 pub struct Api {
@@ -200,6 +220,12 @@ impl Api {
                 let body = read_json::<VerifyRequest>(request).await?;
                 self.verify(body, peer).await
             }
+            Endpoint::TakeLease => {
+                let body = read_json::<LeaseRequest>(request).await?;
+                self.take_lease(body)
+            }
+            Endpoint::ReleaseLease(id) => self.release_lease(id),
+            Endpoint::Collect => self.collect(),
         }
     }
 
@@ -277,6 +303,74 @@ impl Api {
         Ok(respond(StatusCode::OK, &view))
     }
 
+    fn take_lease(&self, body: LeaseRequest) -> Result<Response<Full<Bytes>>, ApiError> {
+        let holder_ok = !body.holder.is_empty()
+            && body.holder.len() <= 256
+            && !body.holder.chars().any(char::is_control);
+        if !holder_ok {
+            return Err(ApiError::bad_request(
+                "holder must be 1-256 printable characters",
+            ));
+        }
+        if body.digests.is_empty() || body.digests.len() > 1000 {
+            return Err(ApiError::bad_request("a lease holds 1-1000 digests"));
+        }
+        if !(1..=MAX_LEASE).contains(&body.ttl_seconds) {
+            return Err(ApiError::bad_request(
+                "ttl_seconds must be between 1 and 30 days",
+            ));
+        }
+        let digests = body
+            .digests
+            .iter()
+            .map(|d| parse_digest(d))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ttl = Duration::from_secs(body.ttl_seconds);
+        let store = self.pulls.stager().store();
+        digests.iter().for_each(|d| store.touch(d));
+        let lease = self
+            .pulls
+            .leases()
+            .take(body.holder, digests, ttl)
+            .map_err(io_error)?;
+        let expires = std::time::UNIX_EPOCH + Duration::from_secs(lease.expires_at);
+        let view = json!({
+            "id": lease.id,
+            "holder": lease.holder,
+            "digests": lease.digests,
+            "expires_at": humantime::format_rfc3339_seconds(expires).to_string(),
+        });
+        Ok(respond(StatusCode::CREATED, &view))
+    }
+
+    fn release_lease(&self, id: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+        if !self.pulls.leases().release(id).map_err(io_error)? {
+            let shown: String = id.chars().take(80).filter(|c| !c.is_control()).collect();
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "lease_not_found",
+                format!("no lease {shown}"),
+            ));
+        }
+        Ok(respond(
+            StatusCode::OK,
+            &json!({ "id": id, "released": true }),
+        ))
+    }
+
+    fn collect(&self) -> Result<Response<Full<Bytes>>, ApiError> {
+        let evicted = self.pulls.collect(true, None).map_err(store_error)?;
+        let freed: u64 = evicted.iter().map(|c| c.size).sum();
+        let evicted: Vec<Value> = evicted
+            .iter()
+            .map(|c| json!({ "digest": c.digest, "size": c.size }))
+            .collect();
+        Ok(respond(
+            StatusCode::OK,
+            &json!({ "evicted": evicted, "freed_bytes": freed }),
+        ))
+    }
+
     fn list_blobs(&self) -> Result<Response<Full<Bytes>>, ApiError> {
         let blobs = self.pulls.stager().store().list().map_err(store_error)?;
         let blobs: Vec<Value> = blobs
@@ -340,6 +434,10 @@ fn not_found_pull(id: &str) -> ApiError {
         "pull_not_found",
         format!("no pull {shown}"),
     )
+}
+
+fn io_error(e: std::io::Error) -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "io_error", e.to_string())
 }
 
 fn store_error(e: crate::store::StoreError) -> ApiError {

@@ -19,9 +19,12 @@ use control_client::{Artifact, ArtifactId, Digest, Outcome, Requester};
 use serde_json::{Value, json};
 use tokio::sync::{Semaphore, watch};
 use tokio_util::task::TaskTracker;
-use tracing::info;
+use tracing::{info, warn};
 
+use super::leases::Leases;
 use crate::stage::{Observer, Phase, StageError, Stager};
+use crate::store::StoreError;
+use crate::store::gc::Candidate;
 
 /// How a pull ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,23 +134,84 @@ struct Registry {
     running: HashMap<Digest, Arc<Pull>>,
 }
 
-/// Every pull the daemon knows of, and the slots that bound how many transfer at once.
+/// The store's size budget: collect down to `low` once above `high`.
+#[derive(Debug, Clone, Copy)]
+pub struct Watermarks {
+    pub high: Option<u64>,
+    pub low: Option<u64>,
+}
+
+/// Every pull the daemon knows of, the slots that bound how many transfer at once, and the
+/// leases and budget that decide what garbage collection may evict.
 #[derive(Debug)]
 pub struct Pulls {
     stager: Arc<Stager>,
     slots: Arc<Semaphore>,
     registry: Mutex<Registry>,
     tasks: TaskTracker,
+    leases: Leases,
+    watermarks: Watermarks,
 }
 
 impl Pulls {
-    pub fn new(stager: Arc<Stager>, max_transfers: usize) -> Arc<Pulls> {
+    pub fn new(
+        stager: Arc<Stager>,
+        max_transfers: usize,
+        leases: Leases,
+        watermarks: Watermarks,
+    ) -> Arc<Pulls> {
         Arc::new(Pulls {
             stager,
             slots: Arc::new(Semaphore::new(max_transfers)),
             registry: Mutex::default(),
             tasks: TaskTracker::new(),
+            leases,
+            watermarks,
         })
+    }
+
+    pub fn leases(&self) -> &Leases {
+        &self.leases
+    }
+
+    /// Evicts least recently used blobs down to the low watermark: always when `forced`, else
+    /// only when the store is above the high watermark. Leased blobs, blobs being pulled and
+    /// `keep` are never evicted.
+    pub fn collect(
+        &self,
+        forced: bool,
+        keep: Option<&Digest>,
+    ) -> Result<Vec<Candidate>, StoreError> {
+        let Some(low) = self.watermarks.low else {
+            return Ok(Vec::new());
+        };
+        let store = self.stager.store();
+        if !forced {
+            let used: u64 = store.list()?.iter().map(|(_, _, size)| size).sum();
+            if self.watermarks.high.is_none_or(|high| used <= high) {
+                return Ok(Vec::new());
+            }
+        }
+        let mut protected = self.leases.protected();
+        protected.extend(
+            self.registry
+                .lock()
+                .expect("registry lock")
+                .running
+                .keys()
+                .cloned(),
+        );
+        protected.extend(keep.cloned());
+        let evicted = store.collect(low, &protected)?;
+        let freed: u64 = evicted.iter().map(|c| c.size).sum();
+        if !evicted.is_empty() {
+            info!(
+                blobs = evicted.len(),
+                bytes = freed,
+                "evicted least recently used blobs"
+            );
+        }
+        Ok(evicted)
     }
 
     pub fn stager(&self) -> &Stager {
@@ -273,6 +337,11 @@ impl Pulls {
             .expect("registry lock")
             .running
             .remove(&pull.digest);
+        if result.is_ok()
+            && let Err(e) = self.collect(false, Some(&pull.digest))
+        {
+            warn!(error = %crate::errors::Chain(&e), "garbage collection failed");
+        }
         pull.finish(result);
     }
 

@@ -421,7 +421,11 @@ impl Stager {
             },
             other => StageError::Source(other),
         })?;
-        let info = transfer::stat(source.as_ref(), self.config.transfer.max_attempts).await?;
+        // The first request counts against the connection budget like every range request.
+        let permit = self.connections.acquire().await.expect("never closed");
+        let info = transfer::stat(source.as_ref(), self.config.transfer.max_attempts).await;
+        drop(permit);
+        let info = info?;
         observer.total.store(info.size, Ordering::Release);
         if let Some(registered) = artifact.source.size_bytes.filter(|r| *r != info.size) {
             return Err(StageError::SizeMismatch {

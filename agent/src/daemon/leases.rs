@@ -73,9 +73,11 @@ impl Leases {
         Ok(lease)
     }
 
-    /// Releases lease `id`; false when there is no such lease.
+    /// Releases lease `id`; false when there is no such lease, or it has expired.
     pub fn release(&self, id: &str) -> std::io::Result<bool> {
         let mut leases = self.leases.lock().expect("leases lock");
+        let now = now();
+        leases.retain(|_, l| l.expires_at > now);
         let released = leases.remove(id).is_some();
         if released {
             self.save(&leases)?;

@@ -302,7 +302,8 @@ fn finish_pull(pull: &Value, json: bool) -> Result<(), Failure> {
 /// few seconds otherwise (stdout stays for the path alone).
 struct Progress {
     bar: Option<indicatif::ProgressBar>,
-    last_line: Option<Instant>,
+    /// When the last plain line was written; the first comes a few seconds in, not at once.
+    last_line: Instant,
 }
 
 impl Progress {
@@ -316,7 +317,7 @@ impl Progress {
         });
         Progress {
             bar,
-            last_line: None,
+            last_line: Instant::now(),
         }
     }
 
@@ -332,13 +333,10 @@ impl Progress {
             bar.set_message(state.to_owned());
             return;
         }
-        if self
-            .last_line
-            .is_none_or(|at| at.elapsed() >= Duration::from_secs(5))
-        {
+        if self.last_line.elapsed() >= Duration::from_secs(5) {
             let total = total.map_or("?".to_owned(), |t| t.to_string());
             eprintln!("{state}: {done} of {total} bytes");
-            self.last_line = Some(Instant::now());
+            self.last_line = Instant::now();
         }
     }
 

@@ -446,7 +446,7 @@ impl Stager {
         }
 
         let settings = TransferSettings::from(&self.config.transfer);
-        let transfer_size = info.size;
+        let size = info.size;
         let resume = prepare_ingest(&mut ingest, &artifact.digest, &info, settings.chunk_size)?;
         let algorithm = artifact.digest.algorithm();
         let mut transfer = Transfer::new(source, info, ingest.file(), algorithm, settings)
@@ -479,7 +479,6 @@ impl Stager {
         }
 
         let transferred_at = started.elapsed();
-        let transferred_size = transfer_size;
         let path = tokio::task::spawn_blocking(move || ingest.publish())
             .await
             .expect("publish panicked")?;
@@ -496,7 +495,7 @@ impl Stager {
         Ok(Staged {
             path,
             digest: artifact.digest,
-            size: transferred_size,
+            size,
             bytes_transferred: transferred.bytes_received,
             bytes_resumed: transferred.bytes_resumed,
             bytes_read_back: transferred.bytes_read_back,

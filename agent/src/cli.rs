@@ -215,10 +215,14 @@ fn fetch(args: FetchArgs) -> Result<(), Failure> {
     let staged = runtime()?.block_on(async {
         let stager = Stager::new(config, control_plane, http)
             .map_err(|e| Failure::runtime(e.code(), crate::errors::Chain(&e).to_string()))?;
-        stager
-            .pull(&id, Some(this_process()))
-            .await
-            .map_err(|e| Failure::runtime(e.code(), crate::errors::Chain(&e).to_string()))
+        let pulled = stager.pull(&id, Some(this_process())).await;
+        // The event is safe in the outbox either way; deliver it now if the control plane
+        // takes it, else the daemon or the next fetch will.
+        if let Err(e) = stager.outbox().flush().await {
+            let waiting = stager.outbox().depth();
+            tracing::warn!(waiting, error = %crate::errors::Chain(&e), "events wait in the outbox");
+        }
+        pulled.map_err(|e| Failure::runtime(e.code(), crate::errors::Chain(&e).to_string()))
     })?;
     print_staged(&staged, args.json);
     Ok(())
@@ -432,6 +436,11 @@ async fn status(args: ClientArgs) -> Result<(), Failure> {
         "store: {} blobs, {} bytes",
         status["store"]["blobs"], status["store"]["bytes"]
     );
+    let outbox = &status["outbox"];
+    let age = outbox["oldest_age_seconds"]
+        .as_u64()
+        .map_or(String::new(), |a| format!(", oldest {a} s"));
+    println!("outbox: {} events waiting{age}", outbox["depth"]);
     Ok(())
 }
 

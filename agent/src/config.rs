@@ -75,7 +75,7 @@ pub struct ApiConfig {
     pub allowed_gids: Vec<u32>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControlPlaneConfig {
     /// The file-backed control plane's registry. The default when no `url` is set.
@@ -86,6 +86,9 @@ pub struct ControlPlaneConfig {
     pub token_file: Option<PathBuf>,
     #[serde(default)]
     pub insecure_http: bool,
+    /// Events kept on disk for the control plane at most; at the limit new pulls are refused.
+    #[serde(default = "defaults::outbox_max_events")]
+    pub outbox_max_events: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -559,6 +562,9 @@ mod defaults {
     pub(super) fn ingest_ttl() -> Duration {
         Duration::from_secs(24 * 3600)
     }
+    pub(super) fn outbox_max_events() -> usize {
+        100_000
+    }
     pub(super) fn max_transfers() -> usize {
         4
     }
@@ -574,6 +580,19 @@ impl Default for ApiConfig {
             metrics_listen: defaults::metrics_listen(),
             allowed_uids: Vec::new(),
             allowed_gids: Vec::new(),
+        }
+    }
+}
+
+impl Default for ControlPlaneConfig {
+    fn default() -> Self {
+        ControlPlaneConfig {
+            registry: None,
+            events_log: None,
+            url: None,
+            token_file: None,
+            insecure_http: false,
+            outbox_max_events: defaults::outbox_max_events(),
         }
     }
 }
@@ -626,6 +645,7 @@ mod tests {
             c.events_log_path(),
             Path::new("/var/lib/blobstage/events.jsonl")
         );
+        assert_eq!(c.control_plane.outbox_max_events, 100_000);
         assert!(c.policy.allow.is_empty());
     }
 

@@ -46,7 +46,7 @@ pub enum DaemonError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
+    Stage(#[from] crate::stage::StageError),
     #[error("cannot read the leases in {}", path.display())]
     Leases {
         path: std::path::PathBuf,
@@ -99,6 +99,7 @@ pub async fn serve(
         high: config.store.high_watermark.map(|s| s.0),
         low: config.store.low_watermark.map(|s| s.0),
     };
+    let outbox = stager.outbox().clone();
     let pulls = Pulls::new(stager, config.transfer.max_transfers, leases, watermarks);
     let stopping = CancellationToken::new();
     let api = Arc::new(Api {
@@ -122,6 +123,8 @@ pub async fn serve(
     let peers = Peers::new(&config);
     let serving = tokio::spawn(accept_socket(socket, api, peers, stopping.clone()));
     let checks = tokio::spawn(accept_health(health, config.clone(), stopping.clone()));
+    let stop_delivery = CancellationToken::new();
+    let delivery = tokio::spawn(outbox.clone().run(stop_delivery.clone()));
     wait_for_signal().await;
 
     info!("shutting down");
@@ -132,6 +135,15 @@ pub async fn serve(
     }
     serving.abort();
     checks.abort();
+    // One last delivery of what the stopped pulls recorded; what is left waits on disk.
+    stop_delivery.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), delivery).await;
+    if outbox.depth() > 0 {
+        info!(
+            events = outbox.depth(),
+            "events wait in the outbox for the next start"
+        );
+    }
     let _ = std::fs::remove_file(&config.api.socket);
     info!("stopped");
     Ok(())

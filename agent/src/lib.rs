@@ -17,6 +17,7 @@ pub mod digest;
 pub mod errors;
 pub mod policy;
 pub mod redact;
+pub mod report;
 pub mod source;
 pub mod stage;
 pub mod store;

@@ -25,6 +25,7 @@ pub mod verify;
 
 use crate::config::Config;
 use crate::policy::{Admission, Policy, PolicyError};
+use crate::report::{Outbox, OutboxError};
 use crate::source::ObjectInfo;
 use crate::source::{self, SourceError};
 use crate::store::{Ingest, Store, StoreError};
@@ -74,8 +75,14 @@ pub enum StageError {
     Unrecorded {
         path: PathBuf,
         #[source]
-        source: ControlPlaneError,
+        source: OutboxError,
     },
+    #[error(transparent)]
+    Outbox { source: OutboxError },
+    #[error(
+        "the event outbox holds {depth} events, its limit; new pulls wait until the control plane takes them"
+    )]
+    OutboxFull { depth: usize },
 }
 
 impl StageError {
@@ -90,7 +97,8 @@ impl StageError {
             StageError::DigestMismatch { .. } => "digest_mismatch",
             StageError::PinMismatch { .. } => "digest_pin_mismatch",
             StageError::Store(e) => e.code(),
-            StageError::Unrecorded { source, .. } => source.code(),
+            StageError::Unrecorded { .. } | StageError::Outbox { .. } => "io_error",
+            StageError::OutboxFull { .. } => "outbox_full",
         }
     }
 
@@ -200,6 +208,8 @@ pub struct Stager {
     http: reqwest::Client,
     /// `max_connections` for every transfer of this process together.
     connections: Arc<Semaphore>,
+    /// Where every event goes first; delivered to the control plane from there.
+    outbox: Arc<Outbox>,
 }
 
 impl Stager {
@@ -207,8 +217,14 @@ impl Stager {
         config: Arc<Config>,
         control_plane: Arc<dyn ControlPlane>,
         http: reqwest::Client,
-    ) -> Result<Self, StoreError> {
+    ) -> Result<Self, StageError> {
         let store = Store::open(&config.state_dir)?;
+        let outbox = Outbox::open(
+            config.state_dir.join("outbox"),
+            config.control_plane.outbox_max_events,
+            control_plane.clone(),
+        )
+        .map_err(|source| StageError::Outbox { source })?;
         let freed = store.sweep_ingests(config.transfer.ingest_ttl)?;
         if freed > 0 {
             info!(
@@ -220,6 +236,7 @@ impl Stager {
             node_id: config.node_id(),
             policy: Arc::new(Policy::new(config.policy.clone())),
             connections: Arc::new(Semaphore::new(config.transfer.max_connections)),
+            outbox: Arc::new(outbox),
             config,
             control_plane,
             store,
@@ -233,6 +250,18 @@ impl Stager {
 
     pub fn node_id(&self) -> &str {
         &self.node_id
+    }
+
+    pub fn outbox(&self) -> &Arc<Outbox> {
+        &self.outbox
+    }
+
+    /// Writes `event` to the outbox, durably, before the operation is reported done.
+    async fn keep(&self, event: Event) -> Result<(), OutboxError> {
+        let outbox = self.outbox.clone();
+        tokio::task::spawn_blocking(move || outbox.append(&event))
+            .await
+            .expect("outbox task panicked")
     }
 
     /// Stages `id` and records its event: [`Stager::admit`], then [`Stager::stage`].
@@ -251,6 +280,12 @@ impl Stager {
         id: &ArtifactId,
         requester: Option<Requester>,
     ) -> Result<Artifact, StageError> {
+        if self.outbox.is_full() {
+            // Limitation: this refusal has no event: there is no room to keep one.
+            return Err(StageError::OutboxFull {
+                depth: self.outbox.depth(),
+            });
+        }
         let started = Instant::now();
         let span = info_span!("admit", artifact = %id);
         let admitted = self.resolve_and_check(id).instrument(span).await;
@@ -326,11 +361,7 @@ impl Stager {
         event.digest = digest;
         event.error_code = Some(code.to_owned());
         event.requested_by = requester;
-        if let Err(e) = self
-            .control_plane
-            .report(std::slice::from_ref(&event))
-            .await
-        {
+        if let Err(e) = self.keep(event).await {
             warn!(error = %crate::errors::Chain(&e), code, "an event was not recorded");
         }
     }
@@ -362,14 +393,8 @@ impl Stager {
         event.requested_by = requester;
         let event = event.with_duration(started.elapsed());
 
-        // Limitation: the event goes straight to the control plane; there is no outbox, so an
-        // event that cannot be recorded is lost for a failed pull (a staged pull fails instead).
-        match (
-            self.control_plane
-                .report(std::slice::from_ref(&event))
-                .await,
-            result,
-        ) {
+        // Only a disk that cannot be written loses an event here; a staged pull then fails.
+        match (self.keep(event).await, result) {
             (Ok(()), result) => result,
             (Err(source), Ok(staged)) => Err(StageError::Unrecorded {
                 path: staged.path,

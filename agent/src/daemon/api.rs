@@ -402,11 +402,16 @@ impl Api {
         let blobs = self.pulls.stager().store().list().map_err(store_error)?;
         let bytes: u64 = blobs.iter().map(|(_, _, size)| size).sum();
         let (active, queued) = self.pulls.counts();
+        let outbox = self.pulls.stager().outbox();
         let status = json!({
             "version": env!("CARGO_PKG_VERSION"),
             "node_id": self.pulls.stager().node_id(),
             "pulls": { "active": active, "queued": queued },
             "store": { "blobs": blobs.len(), "bytes": bytes },
+            "outbox": {
+                "depth": outbox.depth(),
+                "oldest_age_seconds": outbox.oldest_age().map(|age| age.as_secs()),
+            },
         });
         Ok(respond(StatusCode::OK, &status))
     }

@@ -105,14 +105,8 @@ impl Stager {
         event.digest = digest;
         event.requested_by = requester;
         let event = event.with_duration(started.elapsed());
-        if let Err(e) = self
-            .control_plane
-            .report(std::slice::from_ref(&event))
-            .await
-        {
-            // Limitation: as for pulls, there is no outbox; a verify whose event cannot be
-            // recorded fails.
-            return Err(VerifyError::Stage(StageError::ControlPlane(e)));
+        if let Err(source) = self.keep(event).await {
+            return Err(VerifyError::Stage(StageError::Outbox { source }));
         }
         result
     }

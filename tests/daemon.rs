@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use serde_json::{Value, json};
-use support::agent::{CHUNK, artifact, pseudo_random, sha256_hex};
+use support::agent::{CHUNK, artifact, parse_range, pseudo_random, sha256_hex};
 use support::daemon::{Daemon, Node, parse_metrics_addr, parse_response, tcp_get};
 use support::origin::{Fault, Logged, Origin};
 
@@ -276,6 +276,12 @@ async fn a_pull_is_accepted_staged_and_then_answered_from_the_store() {
         .request("GET", &format!("/v1/pulls/{id}"), None)
         .await;
     assert_eq!((status, state(&again)), (200, "staged"), "{again:#}");
+    // Cancelling a pull that has ended answers it as it ended.
+    let (status, again) = daemon
+        .request("DELETE", &format!("/v1/pulls/{id}"), None)
+        .await;
+    assert_eq!((status, state(&again)), (200, "staged"), "{again:#}");
+    assert!(path.exists(), "a DELETE after staging removed the blob");
 
     // The blob is in the store now: 200 at once, and the origin hears nothing.
     let requests = origin.requests().len();
@@ -336,9 +342,73 @@ async fn fifty_concurrent_pulls_of_one_artifact_share_one_pull_and_one_transfer(
         "{} content GETs for {ranges} ranges and one retry: {gets:#?}",
         gets.len()
     );
+    // The stall did fire, so the transfer was still running while the POSTs arrived.
+    let resumed = gets.iter().filter_map(|l| parse_range(l.range.as_deref()?));
+    let resumed: Vec<_> = resumed.filter(|(first, _)| first % CHUNK == 1000).collect();
+    assert_eq!(
+        resumed.len(),
+        1,
+        "the stalled range was not resumed once: {gets:#?}"
+    );
     let events = settled_events(&node, 1).await;
     assert_eq!(events.len(), 1, "one pull, one event: {events:#?}");
     assert_eq!(events[0]["outcome"], "staged", "{events:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_of_another_artifact_with_the_same_digest_joins_and_then_answers_at_once() {
+    let (node, origin) = (Node::new(), Origin::start().await);
+    let body = pseudo_random(SIZE, 16);
+    let first = publish(&origin, "blob", &body);
+    let mut second = first.clone();
+    second["id"] = json!("t/alias@1");
+    let mut third = first.clone();
+    third["id"] = json!("t/later@1");
+    node.setup.register(&[first, second, third]);
+    origin.set_fault(
+        "/blob",
+        Fault::Stall {
+            after: 1000,
+            times: 2,
+        },
+    );
+    let daemon = node.start().await;
+
+    let pull = start_pull(&daemon, "t/blob@1").await;
+    let id = pull_id(&pull);
+    // Joining by digest needs the digest: wait until the first pull has reached the origin.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while probes(&origin, "/blob") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the first pull never reached the origin"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, alias) = post_pull(&daemon, "t/alias@1").await;
+    assert_eq!(status, 202, "{alias:#}");
+    assert_eq!(
+        alias["id"],
+        id.as_str(),
+        "the same digest in transfer was not joined: {alias:#}"
+    );
+    let pull = wait_staged(&daemon, &id).await;
+    assert_staged_blob(&node, &pull, &body);
+    assert_eq!(
+        probes(&origin, "/blob"),
+        1,
+        "the digest was transferred twice"
+    );
+
+    let requests = origin.requests().len();
+    let (status, later) = post_pull(&daemon, "t/later@1").await;
+    assert_eq!((status, state(&later)), (200, "staged"), "{later:#}");
+    assert_eq!(later["path"], pull["path"], "{later:#}");
+    assert_eq!(
+        origin.requests().len(),
+        requests,
+        "a staged digest contacted the origin"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -392,10 +462,18 @@ async fn a_cancelled_pull_keeps_its_data_and_the_next_pull_resumes() {
 
     let id = pull_id(&start_pull(&daemon, "t/blob@1").await);
     wait_frozen(&origin, "/blob", offset).await;
+    // A long-poll that times out answers the pull as it is.
     let (status, pull) = daemon
-        .request("GET", &format!("/v1/pulls/{id}"), None)
+        .request("GET", &format!("/v1/pulls/{id}?wait=1s"), None)
         .await;
     assert_eq!((status, state(&pull)), (200, "transferring"), "{pull:#}");
+    assert_pull_shape(&pull);
+    assert_eq!(pull["bytes_total"], json!(FROZEN_SIZE), "{pull:#}");
+    let done = pull["bytes_done"].as_u64().unwrap_or(0);
+    assert!(
+        (offset..FROZEN_SIZE as u64).contains(&done),
+        "bytes_done {done}, with everything before {offset} received: {pull:#}"
+    );
 
     let (status, cancelled) = daemon
         .request("DELETE", &format!("/v1/pulls/{id}"), None)
@@ -489,6 +567,74 @@ async fn sigterm_during_a_transfer_exits_0_and_the_next_daemon_resumes() {
         fetched < FROZEN_SIZE as u64,
         "the restarted daemon fetched {fetched} of {FROZEN_SIZE} bytes: nothing was kept"
     );
+
+    // Two pulls, the interrupted one included: two events (at least once, so by event_id).
+    let events = settled_events(&node, 2).await;
+    let ids: std::collections::BTreeSet<&str> = events
+        .iter()
+        .filter_map(|e| e["event_id"].as_str())
+        .collect();
+    assert_eq!(
+        ids.len(),
+        2,
+        "one event per pull, across the restart: {events:#?}"
+    );
+    let outcome = |e: &&Value| e["outcome"] == "staged";
+    assert_eq!(events.iter().filter(outcome).count(), 1, "{events:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_max_transfers_a_pull_waits_queued_for_a_slot() {
+    let (mut node, origin) = (patient_node(), Origin::start().await);
+    node.env("BLOBSTAGE_TRANSFER_MAX_TRANSFERS", "1");
+    let first = pseudo_random(FROZEN_SIZE, 14);
+    let second = pseudo_random(SIZE, 15);
+    node.setup.register(&[
+        publish(&origin, "first", &first),
+        publish(&origin, "second", &second),
+    ]);
+    let offset = 3 * CHUNK;
+    origin.set_fault(
+        "/first",
+        Fault::StallFrom {
+            offset,
+            after: 1000,
+        },
+    );
+    let daemon = node.start().await;
+
+    let frozen = pull_id(&start_pull(&daemon, "t/first@1").await);
+    wait_frozen(&origin, "/first", offset).await;
+    let waiting = pull_id(&start_pull(&daemon, "t/second@1").await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, pull) = daemon
+        .request("GET", &format!("/v1/pulls/{waiting}"), None)
+        .await;
+    assert_eq!((status, state(&pull)), (200, "queued"), "{pull:#}");
+    assert_eq!(
+        probes(&origin, "/second"),
+        0,
+        "a queued pull reached the origin"
+    );
+    let (status, body) = daemon.request("GET", "/v1/status", None).await;
+    assert_eq!(status, 200, "{body:#}");
+    assert_eq!(
+        body["pulls"],
+        json!({ "active": 1, "queued": 1 }),
+        "{body:#}"
+    );
+
+    // Freeing the slot lets the queued pull run.
+    let (status, cancelled) = daemon
+        .request("DELETE", &format!("/v1/pulls/{frozen}"), None)
+        .await;
+    assert_eq!(
+        (status, state(&cancelled)),
+        (200, "cancelled"),
+        "{cancelled:#}"
+    );
+    let pull = wait_staged(&daemon, &waiting).await;
+    assert_staged_blob(&node, &pull, &second);
 }
 
 // ---- request errors ----------------------------------------------------------------------
@@ -499,7 +645,13 @@ async fn malformed_requests_get_their_documented_status_and_code() {
     let daemon = node.start().await;
     let post = |body: &'static [u8]| daemon.request_raw("POST", "/v1/pulls", Some(body));
 
-    let answer = |r: support::daemon::Response| (r.status, r.json());
+    let answer = |r: support::daemon::Response| {
+        let json_type = r
+            .header("content-type")
+            .is_some_and(|t| t.starts_with("application/json"));
+        assert!(json_type, "an error answer that is not JSON: {r:?}");
+        (r.status, r.json())
+    };
     assert_error(
         &answer(post(b"{\"artifact_id\": ").await),
         400,
@@ -773,24 +925,20 @@ async fn a_peer_whose_uid_is_not_allowed_is_refused_on_every_route() {
     node.setup.register(&[publish(&origin, "blob", &body)]);
     let daemon = node.start().await;
 
-    let pull = json!({ "artifact_id": "t/blob@1" });
-    let digest = format!("/v1/blobs/sha256:{}", sha256_hex(&body));
-    let asks: [(&str, &str, Option<&Value>); 6] = [
-        ("POST", "/v1/pulls", Some(&pull)),
-        ("GET", "/v1/pulls/p-any", None),
-        ("DELETE", "/v1/pulls/p-any", None),
-        ("GET", "/v1/blobs", None),
-        ("GET", &digest, None),
-        ("GET", "/v1/status", None),
-    ];
-    for (method, path, body) in asks {
-        let answer = daemon.request(method, path, body).await;
-        assert_error(
-            &answer,
-            403,
-            "peer_not_allowed",
-            &format!("{method} {path}"),
-        );
+    // Every route the daemon serves, each with a body it would otherwise accept.
+    let digest = format!("sha256:{}", sha256_hex(&body));
+    for (method, template) in blobstage::daemon::api::ROUTES {
+        let path = template.replace("{id}", "any").replace("{digest}", &digest);
+        let body = match (*method, *template) {
+            ("POST", "/v1/pulls" | "/v1/verify") => Some(json!({ "artifact_id": "t/blob@1" })),
+            ("POST", "/v1/leases") => Some(json!({
+                "holder": "test", "digests": [digest], "ttl_seconds": 60
+            })),
+            _ => None,
+        };
+        let answer = daemon.request(method, &path, body.as_ref()).await;
+        let what = format!("{method} {path}");
+        assert_error(&answer, 403, "peer_not_allowed", &what);
     }
     assert!(
         origin.requests().is_empty(),

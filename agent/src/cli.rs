@@ -56,13 +56,8 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct FetchArgs {
-    /// Configuration file.
-    #[arg(
-        long,
-        env = "BLOBSTAGE_CONFIG",
-        default_value = "/etc/blobstage/agent.toml"
-    )]
-    config: PathBuf,
+    #[command(flatten)]
+    config: ConfigArg,
     /// Print one JSON object instead of the path.
     #[arg(long)]
     json: bool,
@@ -72,13 +67,19 @@ struct FetchArgs {
 
 #[derive(Debug, clap::Args)]
 struct ServeArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+}
+
+#[derive(Debug, clap::Args)]
+struct ConfigArg {
     /// Configuration file.
     #[arg(
-        long,
+        long = "config",
         env = "BLOBSTAGE_CONFIG",
         default_value = "/etc/blobstage/agent.toml"
     )]
-    config: PathBuf,
+    path: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
@@ -208,7 +209,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 }
 
 fn fetch(args: FetchArgs) -> Result<(), Failure> {
-    let (config, http, control_plane) = load(&args.config)?;
+    let (config, http, control_plane) = load(&args.config.path)?;
     let id = ArtifactId::new(args.artifact_id)
         .map_err(|e| Failure::usage("invalid_artifact_id", e.to_owned()))?;
     init_logging("warn");
@@ -229,7 +230,7 @@ fn fetch(args: FetchArgs) -> Result<(), Failure> {
 }
 
 fn serve(args: ServeArgs) -> Result<(), Failure> {
-    let (config, http, control_plane) = load(&args.config)?;
+    let (config, http, control_plane) = load(&args.config.path)?;
     init_logging("info");
     runtime()?.block_on(async {
         crate::daemon::serve(config, control_plane, http)

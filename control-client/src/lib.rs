@@ -3,7 +3,8 @@
 //! The control plane owns registration, source policy, credential issue and audit; a node only
 //! asks it. This crate holds the wire types of that conversation (artifact registrations,
 //! digests, credentials, events), the [`ControlPlane`] interface the agent talks through, and
-//! the file-backed implementation that lets the agent run with no platform around it.
+//! its two implementations: [`HttpControlPlane`] for the real control plane, and the
+//! file-backed [`FileControlPlane`] that lets the agent run with no platform around it.
 //!
 //! Every type that comes from the wire validates while it is parsed and fails closed: an unknown
 //! lifecycle, trust, kind or source type, or a digest that is missing, malformed or of an
@@ -18,6 +19,7 @@ mod credential;
 mod digest;
 mod event;
 mod file;
+mod http;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -30,6 +32,7 @@ pub use credential::{Credential, Intent};
 pub use digest::{Algorithm, Digest, DigestError};
 pub use event::{Event, Operation, Outcome, Requester};
 pub use file::FileControlPlane;
+pub use http::{HttpControlPlane, HttpOptions};
 
 /// A boxed future, so that [`ControlPlane`] can be used as a trait object.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -80,6 +83,31 @@ pub enum ControlPlaneError {
     /// The control plane answered, but not in the shape of the protocol.
     #[error("control plane answered garbage: {what}")]
     Malformed { what: String },
+
+    /// The control plane refused this node's identity token (HTTP 401 or 403): the token file
+    /// is stale, or the node is not admitted. Retrying the same token does not help.
+    #[error("control plane refused the node token for {call}: HTTP {status}: {detail}")]
+    Denied {
+        /// The call that was refused, e.g. `resolve team-a/x@1`.
+        call: String,
+        status: u16,
+        /// What the control plane said, cut short; never the token.
+        detail: String,
+    },
+
+    /// The control plane refused the request itself (a 4xx other than 401, 403, 408, 429, or
+    /// 404 on a lookup; or a redirect, which is never followed): asking again unchanged would
+    /// be refused again.
+    #[error("control plane rejected {call}: HTTP {status}: {detail}")]
+    Rejected {
+        call: String,
+        status: u16,
+        detail: String,
+    },
+
+    /// The options of a control-plane client were refused when it was built.
+    #[error("invalid control plane options: {reason}")]
+    InvalidOptions { reason: String },
 }
 
 impl ControlPlaneError {
@@ -91,6 +119,9 @@ impl ControlPlaneError {
             ControlPlaneError::Unavailable { .. } | ControlPlaneError::Malformed { .. } => {
                 "control_plane_unavailable"
             }
+            ControlPlaneError::Denied { .. } => "control_plane_denied",
+            ControlPlaneError::Rejected { .. } => "control_plane_rejected",
+            ControlPlaneError::InvalidOptions { .. } => "config_invalid",
         }
     }
 }

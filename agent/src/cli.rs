@@ -13,7 +13,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use control_client::{ArtifactId, FileControlPlane, Requester};
+use control_client::{
+    ArtifactId, ControlPlane, ControlPlaneError, FileControlPlane, HttpControlPlane, HttpOptions,
+    Requester,
+};
 use hyper::Method;
 use serde_json::{Value, json};
 use tracing_subscriber::EnvFilter;
@@ -187,17 +190,47 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Configuration, the HTTP client for sources and the control plane: what `fetch` and
-/// `serve` share. Any problem here is a usage error.
-fn load(
-    path: &std::path::Path,
-) -> Result<(Arc<Config>, reqwest::Client, Arc<FileControlPlane>), Failure> {
-    let config = Config::load(path)
-        .map_err(|e| Failure::usage("config_invalid", crate::errors::Chain(&e).to_string()))?;
+/// What `fetch` and `serve` start from.
+struct Loaded {
+    config: Arc<Config>,
+    http: reqwest::Client,
+    control_plane: Arc<dyn ControlPlane>,
+}
+
+/// Configuration, the HTTP client for sources, and the control plane. Any problem here is a
+/// usage error.
+fn load(path: &std::path::Path) -> Result<Loaded, Failure> {
+    let usage = |e: &(dyn std::error::Error + 'static)| {
+        Failure::usage("config_invalid", crate::errors::Chain(e).to_string())
+    };
+    let config = Config::load(path).map_err(|e| usage(&e))?;
     let http =
         crate::source::https::client(&config).map_err(|e| Failure::usage("config_invalid", e))?;
-    let control_plane = FileControlPlane::new(config.registry_path(), config.events_log_path());
-    Ok((Arc::new(config), http, Arc::new(control_plane)))
+    let control_plane = control_plane(&config).map_err(|e| usage(&e))?;
+    Ok(Loaded {
+        config: Arc::new(config),
+        http,
+        control_plane,
+    })
+}
+
+/// The HTTP control plane when `[control_plane] url` is set, else the file-backed one.
+fn control_plane(config: &Config) -> Result<Arc<dyn ControlPlane>, ControlPlaneError> {
+    let cp = &config.control_plane;
+    let Some(url) = &cp.url else {
+        let file = FileControlPlane::new(config.registry_path(), config.events_log_path());
+        return Ok(Arc::new(file));
+    };
+    let mut options = HttpOptions::new(url.clone())
+        .with_insecure_http(cp.insecure_http)
+        .with_timeout(cp.timeout);
+    if let Some(token) = &cp.token_file {
+        options = options.with_token_file(token.clone());
+    }
+    if let Some(ca) = &cp.ca_file {
+        options = options.with_ca_file(ca.clone());
+    }
+    Ok(Arc::new(HttpControlPlane::new(options)?))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
@@ -209,7 +242,11 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 }
 
 fn fetch(args: FetchArgs) -> Result<(), Failure> {
-    let (config, http, control_plane) = load(&args.config.path)?;
+    let Loaded {
+        config,
+        http,
+        control_plane,
+    } = load(&args.config.path)?;
     let id = ArtifactId::new(args.artifact_id)
         .map_err(|e| Failure::usage("invalid_artifact_id", e.to_owned()))?;
     init_logging("warn");
@@ -230,7 +267,11 @@ fn fetch(args: FetchArgs) -> Result<(), Failure> {
 }
 
 fn serve(args: ServeArgs) -> Result<(), Failure> {
-    let (config, http, control_plane) = load(&args.config.path)?;
+    let Loaded {
+        config,
+        http,
+        control_plane,
+    } = load(&args.config.path)?;
     init_logging("info");
     runtime()?.block_on(async {
         crate::daemon::serve(config, control_plane, http)

@@ -82,10 +82,18 @@ pub struct ControlPlaneConfig {
     pub registry: Option<PathBuf>,
     /// Where the file-backed control plane appends events; `<state_dir>/events.jsonl` if unset.
     pub events_log: Option<PathBuf>,
+    /// The HTTP control plane; when set, `registry` must not be.
     pub url: Option<String>,
+    /// The node identity token for the HTTP control plane, re-read when it changes.
     pub token_file: Option<PathBuf>,
+    /// Allows a plain `http://` url (tests, labs).
     #[serde(default)]
     pub insecure_http: bool,
+    /// Extra PEM certificate authorities for the HTTP control plane.
+    pub ca_file: Option<PathBuf>,
+    /// Per attempt of an HTTP control-plane call.
+    #[serde(default = "defaults::control_plane_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
     /// Events kept on disk for the control plane at most; at the limit new pulls are refused.
     #[serde(default = "defaults::outbox_max_events")]
     pub outbox_max_events: usize,
@@ -309,6 +317,7 @@ impl Config {
             &mut self.control_plane.registry,
             &mut self.control_plane.events_log,
             &mut self.control_plane.token_file,
+            &mut self.control_plane.ca_file,
             &mut self.sources.https.ca_file,
         ];
         optional.into_iter().flatten().for_each(resolve);
@@ -348,13 +357,12 @@ impl Config {
         if t.read_timeout.is_zero() || t.connect_timeout.is_zero() {
             return invalid("transfer timeouts must be greater than zero".into());
         }
-        if self.control_plane.url.is_some() {
-            // Limitation: only the file-backed control plane exists so far; an HTTP control
-            // plane URL is refused at start-up rather than ignored.
-            return invalid(
-                "control_plane.url is not supported by this build; use control_plane.registry"
-                    .into(),
-            );
+        let cp = &self.control_plane;
+        if cp.url.is_some() && cp.registry.is_some() {
+            return invalid("control_plane: set url or registry, not both".into());
+        }
+        if cp.timeout.is_zero() {
+            return invalid("control_plane.timeout must be greater than zero".into());
         }
         let mut channels = self.policy.channels.iter().flatten();
         if let Some(e) = channels.find_map(|c| control_client::Channel::new(c.as_str()).err()) {
@@ -562,6 +570,9 @@ mod defaults {
     pub(super) fn ingest_ttl() -> Duration {
         Duration::from_secs(24 * 3600)
     }
+    pub(super) fn control_plane_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
     pub(super) fn outbox_max_events() -> usize {
         100_000
     }
@@ -592,6 +603,8 @@ impl Default for ControlPlaneConfig {
             url: None,
             token_file: None,
             insecure_http: false,
+            ca_file: None,
+            timeout: defaults::control_plane_timeout(),
             outbox_max_events: defaults::outbox_max_events(),
         }
     }
@@ -698,7 +711,6 @@ mod tests {
             "[[policy.allow]]\nsource_type = 'https'\nhost = 'a.*.com'",
             "[[policy.allow]]\nsource_type = 'ftp'",
             "[policy]\nmin_trust = { prod = 'trusted' }",
-            "[control_plane]\nurl = 'https://cp.example'",
         ] {
             assert!(load(bad, &[]).is_err(), "accepted: {bad}");
         }

@@ -256,9 +256,12 @@ async fn accept_health(listener: TcpListener, config: Arc<Config>, stopping: Can
     }
 }
 
-/// Ready when the store and the control plane's registry can be reached.
+/// Ready when the store can be used and, for the file-backed control plane, its registry can
+/// be read.
+// Limitation: an HTTP control plane is not probed; readiness does not reflect whether it answers.
 fn is_ready(config: &Config) -> bool {
-    config.state_dir.join("blobs").is_dir() && config.registry_path().is_file()
+    let control_plane = config.control_plane.url.is_some() || config.registry_path().is_file();
+    config.state_dir.join("blobs").is_dir() && control_plane
 }
 
 fn health(path: &str, ready: bool) -> Response<http_body_util::Full<bytes::Bytes>> {

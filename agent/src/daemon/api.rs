@@ -116,7 +116,10 @@ impl ApiError {
         let status = match e.code() {
             "not_registered" => StatusCode::NOT_FOUND,
             "digest_pin_mismatch" => StatusCode::CONFLICT,
-            "control_plane_unavailable" | "outbox_full" => StatusCode::SERVICE_UNAVAILABLE,
+            "control_plane_unavailable" | "outbox_full" | "control_plane_denied" => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            "control_plane_rejected" => StatusCode::BAD_GATEWAY,
             "invalid_registration" => StatusCode::BAD_GATEWAY,
             "io_error" => StatusCode::INTERNAL_SERVER_ERROR,
             _ if e.outcome() == Outcome::Refused => StatusCode::FORBIDDEN,

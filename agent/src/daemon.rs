@@ -27,6 +27,7 @@ use crate::stage::Stager;
 
 pub mod api;
 pub mod leases;
+mod notify;
 pub mod pulls;
 
 use api::{Api, ApiError};
@@ -125,9 +126,14 @@ pub async fn serve(
     let checks = tokio::spawn(accept_health(health, config.clone(), stopping.clone()));
     let stop_delivery = CancellationToken::new();
     let delivery = tokio::spawn(outbox.clone().run(stop_delivery.clone()));
+    let store_dir = config.state_dir.join("blobs");
+    let usable = move || store_dir.is_dir();
+    tokio::spawn(notify::keep_alive(pulls.clone(), usable, stopping.clone()));
+    notify::ready("serving");
     wait_for_signal().await;
 
     info!("shutting down");
+    notify::stopping();
     stopping.cancel();
     let finished = pulls.shut_down(config.transfer.shutdown_grace).await;
     if !finished {

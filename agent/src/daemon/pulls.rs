@@ -227,6 +227,16 @@ impl Pulls {
             .cloned()
     }
 
+    /// Bytes done by the pulls in flight, for a transfer rate.
+    pub fn bytes_done(&self) -> u64 {
+        let registry = self.registry.lock().expect("registry lock");
+        registry
+            .running
+            .values()
+            .map(|p| p.observer.bytes_done())
+            .sum()
+    }
+
     /// Pulls in flight: (transferring or finishing, waiting for a slot).
     pub fn counts(&self) -> (usize, usize) {
         let registry = self.registry.lock().expect("registry lock");

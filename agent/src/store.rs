@@ -199,11 +199,23 @@ impl Store {
         })
     }
 
+    /// Bytes the ingest area takes on disk (allocated blocks: ingest files are sparse until
+    /// written).
+    pub fn ingest_bytes(&self) -> Result<u64, StoreError> {
+        let dir = self.ingest_dir();
+        let mut bytes = 0;
+        for entry in fs::read_dir(&dir).map_err(at("list", &dir))? {
+            let meta = entry.and_then(|e| e.metadata()).map_err(at("list", &dir))?;
+            bytes += meta.blocks() * 512;
+        }
+        Ok(bytes)
+    }
+
     /// Removes kept ingests whose data has not changed for `ttl`, unless a transfer holds them.
     /// Returns the bytes freed.
     ///
-    /// Limitation: kept ingests do not count against a store size budget; there is no budget
-    /// and no garbage collection of blobs yet, so only their age removes them.
+    /// Kept ingests also count against the store's size budget (see the daemon's garbage
+    /// collection), which evicts blobs, not ingests, to make room for them.
     pub fn sweep_ingests(&self, ttl: Duration) -> Result<u64, StoreError> {
         let dir = self.ingest_dir();
         let mut freed = 0;
@@ -466,6 +478,19 @@ mod tests {
         rx.recv_timeout(Duration::from_secs(5))
             .expect("the waiter takes over");
         drop(waiter.join().unwrap());
+    }
+
+    #[test]
+    fn ingest_bytes_count_what_is_written_not_the_sparse_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.ingest_bytes().unwrap(), 0);
+        let mut ingest = store.lock_ingest(&digest()).unwrap();
+        ingest.create(64 << 20).unwrap();
+        let sparse = store.ingest_bytes().unwrap();
+        assert!(sparse < 1 << 20, "a sparse file counted {sparse} bytes");
+        (&*ingest.file()).write_all(&vec![7u8; 1 << 20]).unwrap();
+        assert!(store.ingest_bytes().unwrap() >= 1 << 20);
     }
 
     #[test]

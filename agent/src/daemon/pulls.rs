@@ -186,12 +186,15 @@ impl Pulls {
             return Ok(Vec::new());
         };
         let store = self.stager.store();
+        // Partial transfers take room too: they count toward the budget, and blobs make way.
+        let partial = store.ingest_bytes()?;
         if !forced {
-            let used: u64 = store.list()?.iter().map(|(_, _, size)| size).sum();
-            if self.watermarks.high.is_none_or(|high| used <= high) {
+            let blobs: u64 = store.list()?.iter().map(|(_, _, size)| size).sum();
+            if self.watermarks.high.is_none_or(|high| blobs + partial <= high) {
                 return Ok(Vec::new());
             }
         }
+        let low = low.saturating_sub(partial);
         let mut protected = self.leases.protected();
         protected.extend(
             self.registry

@@ -108,17 +108,20 @@ fn fs_text(setup: &Setup) -> String {
     std::fs::read_to_string(setup.config_path()).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fetch_resolves_and_reports_through_the_http_control_plane() {
+/// An origin serving a blob of `size` bytes and a control plane registering it as `team/w@1`.
+async fn registered_blob(size: usize, seed: u64) -> (Origin, Arc<Plane>, Vec<u8>) {
     let origin = Origin::start().await;
-    let body = pseudo_random(200_000, 77);
+    let body = pseudo_random(size, seed);
     origin.put("/w", body.clone());
     let plane = Arc::new(Plane::default());
-    plane
-        .artifacts
-        .lock()
-        .unwrap()
-        .push(artifact("team/w@1", &origin.url("/w"), &body));
+    let registration = artifact("team/w@1", &origin.url("/w"), &body);
+    plane.artifacts.lock().unwrap().push(registration);
+    (origin, plane, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_resolves_and_reports_through_the_http_control_plane() {
+    let (_origin, plane, body) = registered_blob(200_000, 77).await;
     let setup = node(&start(plane.clone()).await);
 
     let run = setup.fetch("team/w@1").await;
@@ -145,15 +148,7 @@ async fn a_fetch_resolves_and_reports_through_the_http_control_plane() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_the_control_plane_refuses_wait_and_go_with_the_next_fetch() {
-    let origin = Origin::start().await;
-    let body = pseudo_random(100_000, 78);
-    origin.put("/w", body.clone());
-    let plane = Arc::new(Plane::default());
-    plane
-        .artifacts
-        .lock()
-        .unwrap()
-        .push(artifact("team/w@1", &origin.url("/w"), &body));
+    let (_origin, plane, _body) = registered_blob(100_000, 78).await;
     plane.down.store(true, std::sync::atomic::Ordering::Release);
     let mut setup = node(&start(plane.clone()).await);
     setup.env("BLOBSTAGE_CONTROL_PLANE_TIMEOUT", "2s");

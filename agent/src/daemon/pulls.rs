@@ -190,7 +190,11 @@ impl Pulls {
         let partial = store.ingest_bytes()?;
         if !forced {
             let blobs: u64 = store.list()?.iter().map(|(_, _, size)| size).sum();
-            if self.watermarks.high.is_none_or(|high| blobs + partial <= high) {
+            if self
+                .watermarks
+                .high
+                .is_none_or(|high| blobs + partial <= high)
+            {
                 return Ok(Vec::new());
             }
         }

@@ -46,38 +46,55 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
 async fn main() -> Result<()> {
     let settings = Settings::from_env()?;
     let load_before = load_average();
+    let mut runs = Vec::new();
+    for mode in [Mode::PerRequest, Mode::KeepAlive] {
+        runs.push(run(mode, &settings).await?);
+    }
+    let report = Report {
+        settings: &settings,
+        runs: &runs,
+        load_before,
+    };
+    report.save()?;
+    for run in &runs {
+        ensure!(
+            run.exit.success(),
+            "{}: the daemon exited with {} after SIGTERM",
+            run.phase.mode.label(),
+            run.exit
+        );
+    }
+    Ok(())
+}
+
+/// One mode on a fresh node and daemon, so that what one mode leaves behind (a grown outbox
+/// directory, the daemon's table of pulls) does not skew the other: stage, load, stop.
+async fn run(mode: Mode, settings: &Settings) -> Result<Run> {
     let node = Node::create(settings.artifacts)?;
     let mut daemon = Daemon::start(&node)?;
     daemon.wait_until_accepting(&node.socket()).await?;
     let client = Client::new(&node.socket());
-    eprintln!("[api-bench] staging {} blobs", node.bodies.len());
+    let label = mode.label();
+    eprintln!("[api-bench] {label}: staging {} blobs", node.bodies.len());
     prestage(&client, &node.bodies).await?;
     drain_outbox(&client).await?;
     let staged = daemon.stats()?;
-
-    let mut phases = Vec::new();
-    for mode in [Mode::PerRequest, Mode::KeepAlive] {
-        eprintln!("[api-bench] {}: {} s", mode.label(), settings.seconds);
-        phases.push(measure(mode, &settings, &node, &daemon).await?);
-    }
-    let last = daemon.stats()?;
+    eprintln!("[api-bench] {label}: {} s of load", settings.seconds);
+    let phase = measure(mode, settings, &node, &daemon).await?;
     let exit = daemon.stop().await?;
-
-    let report = Report {
-        settings: &settings,
-        node: &node,
-        phases: &phases,
+    Ok(Run {
+        phase,
         staged,
-        last,
         exit,
-        load_before,
-    };
-    report.save()?;
-    ensure!(
-        exit.success(),
-        "the daemon exited with {exit} after SIGTERM"
-    );
-    Ok(())
+    })
+}
+
+/// What one mode measured, and how its daemon ended.
+struct Run {
+    phase: Phase,
+    /// The daemon once every blob was staged, before the load.
+    staged: ProcStats,
+    exit: ExitStatus,
 }
 
 // ---- settings and the node's files ----------------------------------------------------------
@@ -449,7 +466,13 @@ struct Phase {
     events: u64,
 }
 
-/// Runs one phase: every client sends requests until the deadline.
+impl Phase {
+    fn requests(&self) -> u64 {
+        self.tally.latencies.len() as u64 + self.tally.errors
+    }
+}
+
+/// Runs one phase: every client sends requests until the deadline, then the outbox drains.
 async fn measure(mode: Mode, settings: &Settings, node: &Node, daemon: &Daemon) -> Result<Phase> {
     let (daemon_before, client_before) = (daemon.stats()?, ProcStats::of("self")?);
     let events_before = node.event_count()?;
@@ -586,12 +609,7 @@ fn expect_staged(status: u16, pull: &Value) -> Result<()> {
 
 struct Report<'a> {
     settings: &'a Settings,
-    node: &'a Node,
-    phases: &'a [Phase],
-    /// The daemon after staging every blob, and after the last phase.
-    staged: ProcStats,
-    last: ProcStats,
-    exit: ExitStatus,
+    runs: &'a [Run],
     /// The 1, 5 and 15 minute load averages at the start: other work on the host skews the
     /// numbers.
     load_before: String,
@@ -619,78 +637,85 @@ impl Report<'_> {
         let mut out = format!(
             "# blobstage API benchmark, {}\n\n{}\n\
              setup: {} clients, {} s per mode, POST /v1/pulls round-robin over {} artifacts \
-             (artifact store, {} KiB each, all staged beforehand), daemon log level info to a \
-             file, state dir (store, outbox) and events log on {}, load average before {}, \
-             repo commit {}\n\n",
+             (artifact store, {} KiB each, all staged beforehand), a fresh node and daemon per \
+             mode, daemon log level info to a file, state dir (store, outbox) and events log on \
+             {}, load average before {}, repo commit {}\n\n",
             command_output("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"], ""),
             host_line(),
             s.clients,
             s.seconds,
             s.artifacts,
             BLOB_SIZE / 1024,
-            fs_type(self.node.root()),
+            fs_type(&std::env::temp_dir()),
             self.load_before,
             repo_commit(),
         );
         out.push_str(
-            "| mode | requests | errors | requests/s | p50 (ms) | p90 (ms) | p99 (ms) | \
-             max (ms) | daemon CPU user + sys (s) | daemon CPU per request (µs) | \
-             client CPU (s) | outbox at end | drain (s) | events recorded | daemon RSS after \
-             (MiB) | daemon threads after |\n\
-             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+            "| mode | requests | errors | requests/s | p50 (ms) | p90 (ms) | p99 (ms) | max (ms) |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|\n",
         );
-        for phase in self.phases {
-            out.push_str(&phase_row(phase));
+        for run in self.runs {
+            out.push_str(&latency_row(&run.phase));
         }
-        out.push_str(&format!(
-            "\ndaemon: peak RSS (VmHWM) {:.1} MiB; RSS {:.1} MiB after staging, {:.1} MiB at \
-             the end; CPU {:.2} s in all; after SIGTERM: {}\n",
-            mib(self.last.peak_rss_kib),
-            mib(self.staged.rss_kib),
-            mib(self.last.rss_kib),
-            self.last.cpu(),
-            self.exit,
-        ));
-        for phase in self.phases.iter().filter(|p| p.tally.errors > 0) {
-            let error = phase.tally.first_error.as_deref().unwrap_or("");
-            out.push_str(&format!(
-                "\nfirst error ({}): {error}\n",
-                phase.mode.label()
-            ));
+        out.push_str(
+            "\n| mode | daemon CPU user + sys (s) | daemon CPU per request (µs) | client CPU (s) \
+             | outbox at end of load | drain (s) | events recorded | daemon RSS staged → end \
+             (MiB) | daemon peak RSS (MiB) | daemon threads at end | exit after SIGTERM |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+        );
+        for run in self.runs {
+            out.push_str(&cost_row(run));
+        }
+        for phase in self.runs.iter().map(|r| &r.phase) {
+            if let Some(error) = &phase.tally.first_error {
+                out.push_str(&format!(
+                    "\nfirst error ({}): {error}\n",
+                    phase.mode.label()
+                ));
+            }
         }
         out
     }
 }
 
-fn phase_row(phase: &Phase) -> String {
+fn latency_row(phase: &Phase) -> String {
     let mut latencies = phase.tally.latencies.clone();
     latencies.sort_unstable();
     let ms = |p: f64| percentile(&latencies, p).as_secs_f64() * 1000.0;
-    let ok = latencies.len() as u64;
-    let requests = ok + phase.tally.errors;
-    let daemon_cpu = phase.daemon_user + phase.daemon_system;
-    let per_request_us = daemon_cpu * 1e6 / requests.max(1) as f64;
     format!(
-        "| {} | {requests} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} + {:.2} | {:.0} \
-         | {:.2} | {} | {:.2} | {} | {:.1} | {} |\n",
+        "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
         phase.mode.label(),
+        phase.requests(),
         phase.tally.errors,
-        ok as f64 / phase.wall.as_secs_f64(),
+        latencies.len() as f64 / phase.wall.as_secs_f64(),
         ms(0.50),
         ms(0.90),
         ms(0.99),
         ms(1.0),
+    )
+}
+
+fn cost_row(run: &Run) -> String {
+    let phase = &run.phase;
+    let daemon_cpu = phase.daemon_user + phase.daemon_system;
+    let outbox = phase
+        .outbox_at_end
+        .map_or("n/a".to_owned(), |d| d.to_string());
+    format!(
+        "| {} | {:.2} + {:.2} | {:.0} | {:.2} | {outbox} | {:.2} | {} | {:.1} → {:.1} | {:.1} \
+         | {} | {} |\n",
+        phase.mode.label(),
         phase.daemon_user,
         phase.daemon_system,
-        per_request_us,
+        daemon_cpu * 1e6 / phase.requests().max(1) as f64,
         phase.client_cpu,
-        phase
-            .outbox_at_end
-            .map_or("n/a".to_owned(), |d| d.to_string()),
         phase.drain.as_secs_f64(),
         phase.events,
+        mib(run.staged.rss_kib),
         mib(phase.daemon_after.rss_kib),
+        mib(phase.daemon_after.peak_rss_kib),
         phase.daemon_after.threads,
+        run.exit,
     )
 }
 

@@ -9,11 +9,13 @@
 //! small ones.
 //!
 //! Each pull records exactly one event (through the stager): joining a running pull adds none.
+//! An ended pull can be read by its id for a minute, then it is forgotten, so the daemon's
+//! memory does not grow with the number of pulls it has answered.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use control_client::{Artifact, ArtifactId, Digest, Outcome, Requester};
 use serde_json::{Value, json};
@@ -42,6 +44,8 @@ pub struct Pull {
     pub digest: Digest,
     observer: Observer,
     ending: watch::Sender<Option<Ending>>,
+    /// When the pull ended, for forgetting it a while later.
+    ended_at: Mutex<Option<Instant>>,
 }
 
 impl Pull {
@@ -52,6 +56,7 @@ impl Pull {
             digest: artifact.digest.clone(),
             observer: Observer::default(),
             ending: watch::Sender::new(None),
+            ended_at: Mutex::new(None),
         })
     }
 
@@ -103,7 +108,14 @@ impl Pull {
                 message: crate::errors::Chain(&e).to_string(),
             },
         };
+        *self.ended_at.lock().expect("pull lock") = Some(Instant::now());
         self.ending.send_replace(Some(ending));
+    }
+
+    /// Ended more than `retain` ago.
+    fn expired(&self, now: Instant, retain: Duration) -> bool {
+        let ended_at = *self.ended_at.lock().expect("pull lock");
+        ended_at.is_some_and(|at| now.duration_since(at) > retain)
     }
 }
 
@@ -127,11 +139,38 @@ pub enum Created {
     Present(Arc<Pull>),
 }
 
-#[derive(Debug, Default)]
+/// How long an ended pull can still be read by its id.
+const RETAIN_ENDED: Duration = Duration::from_secs(60);
+
+#[derive(Debug)]
 struct Registry {
     pulls: HashMap<String, Arc<Pull>>,
     /// The pull in flight for each digest.
     running: HashMap<Digest, Arc<Pull>>,
+    last_pruned: Instant,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry {
+            pulls: HashMap::new(),
+            running: HashMap::new(),
+            last_pruned: Instant::now(),
+        }
+    }
+}
+
+impl Registry {
+    /// Remembers `pull`, and forgets pulls that ended more than [`RETAIN_ENDED`] ago (at most
+    /// once a second, so that a busy daemon does not scan on every request).
+    fn insert(&mut self, pull: &Arc<Pull>) {
+        let now = Instant::now();
+        if now.duration_since(self.last_pruned) >= Duration::from_secs(1) {
+            self.pulls.retain(|_, p| !p.expired(now, RETAIN_ENDED));
+            self.last_pruned = now;
+        }
+        self.pulls.insert(pull.id.clone(), pull.clone());
+    }
 }
 
 /// The store's size budget: collect down to `low` once above `high`.
@@ -305,8 +344,7 @@ impl Pulls {
     }
 
     fn remember(&self, pull: &Arc<Pull>) {
-        let mut registry = self.registry.lock().expect("registry lock");
-        registry.pulls.insert(pull.id.clone(), pull.clone());
+        self.registry.lock().expect("registry lock").insert(pull);
     }
 
     /// Starts a pull, unless one for the same digest started meanwhile.
@@ -316,7 +354,7 @@ impl Pulls {
             return Created::Joined(running.clone());
         }
         let pull = Pull::new(&artifact);
-        registry.pulls.insert(pull.id.clone(), pull.clone());
+        registry.insert(&pull);
         registry.running.insert(pull.digest.clone(), pull.clone());
         drop(registry);
 
@@ -378,5 +416,46 @@ impl Pull {
     /// Asks the pull to stop; it ends `cancelled` once its transfer has checkpointed.
     pub fn cancel(&self) {
         self.observer.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pull(id: &str) -> Arc<Pull> {
+        let artifact: Artifact = serde_json::from_value(json!({
+            "id": id, "project": "p", "artifact_kind": "blob",
+            "source": {"source_type": "https", "uri": "https://h.example/x"},
+            "digest": format!("sha256:{}", "0".repeat(64)),
+            "lifecycle_state": "active", "trust_state": "verified", "channel": "prod",
+            "source_policy": {"decision": "allow"}
+        }))
+        .unwrap();
+        Pull::new(&artifact)
+    }
+
+    #[test]
+    fn ended_pulls_are_forgotten_after_the_retention_and_running_ones_never() {
+        let mut registry = Registry::default();
+        let (old, recent, running) = (pull("old@1"), pull("recent@1"), pull("running@1"));
+        for p in [&old, &recent] {
+            p.finish(Ok((PathBuf::from("/x"), 1)));
+        }
+        let long_ago = Instant::now().checked_sub(RETAIN_ENDED * 2).unwrap();
+        *old.ended_at.lock().unwrap() = Some(long_ago);
+        for p in [&old, &recent, &running] {
+            registry.insert(p);
+        }
+        registry.last_pruned = long_ago;
+        registry.insert(&pull("new@1"));
+
+        assert!(
+            !registry.pulls.contains_key(&old.id),
+            "an old ended pull was kept"
+        );
+        assert!(registry.pulls.contains_key(&recent.id));
+        assert!(registry.pulls.contains_key(&running.id));
+        assert_eq!(registry.pulls.len(), 3);
     }
 }

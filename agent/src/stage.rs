@@ -60,7 +60,7 @@ pub enum StageError {
         source: PolicyError,
     },
     #[error(transparent)]
-    Source(SourceError),
+    Source(#[from] SourceError),
     #[error("the source holds {actual} bytes but {registered} are registered")]
     SizeMismatch { registered: u64, actual: u64 },
     #[error("transfer failed")]
@@ -120,12 +120,6 @@ impl StageError {
             | "digest_pin_mismatch" => Outcome::Refused,
             _ => Outcome::Failed,
         }
-    }
-}
-
-impl From<SourceError> for StageError {
-    fn from(e: SourceError) -> Self {
-        StageError::Source(e)
     }
 }
 
@@ -422,12 +416,13 @@ impl Stager {
         self.transfer(artifact, started, observer).await
     }
 
-    async fn transfer(
+    /// Credentials, the source (its URI checked against policy), and the first request, which
+    /// learns the size and the validator; a size other than the registered one stops here.
+    async fn open_source(
         &self,
-        artifact: Artifact,
-        started: Instant,
+        artifact: &Artifact,
         observer: &Observer,
-    ) -> Result<Staged, StageError> {
+    ) -> Result<(Arc<dyn source::Source>, ObjectInfo), StageError> {
         let credential = self
             .control_plane
             .credentials(&artifact.id, Intent::Pull, &self.node_id)
@@ -458,6 +453,16 @@ impl Stager {
                 actual: info.size,
             });
         }
+        Ok((source, info))
+    }
+
+    async fn transfer(
+        &self,
+        artifact: Artifact,
+        started: Instant,
+        observer: &Observer,
+    ) -> Result<Staged, StageError> {
+        let (source, info) = self.open_source(&artifact, observer).await?;
 
         // One owner per ingest: wait for another process staging the same blob, then answer
         // from the store if it published it.
@@ -487,7 +492,6 @@ impl Stager {
             Ok(transferred) => transferred,
             Err(e) => {
                 let wrong_bytes = e.code() == "source_changed";
-                observer.set_phase(Phase::Verifying);
                 if wrong_bytes || !ingest.journal_path().exists() {
                     ingest.discard()?;
                 }

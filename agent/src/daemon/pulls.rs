@@ -103,10 +103,16 @@ impl Pull {
         let ending = match result {
             Ok((path, size)) => Ending::Staged { path, size },
             Err(e) if e.code() == "cancelled" => Ending::Cancelled,
-            Err(e) => Ending::Failed {
-                code: e.code().to_owned(),
-                message: crate::errors::Chain(&e).to_string(),
-            },
+            Err(e) => {
+                // The daemon is where a failed pull ends: nobody else logs it.
+                let message = crate::errors::Chain(&e).to_string();
+                tracing::error!(pull = %self.id, artifact = %self.artifact_id, code = e.code(),
+                    error = %message, "pull failed");
+                Ending::Failed {
+                    code: e.code().to_owned(),
+                    message,
+                }
+            }
         };
         *self.ended_at.lock().expect("pull lock") = Some(Instant::now());
         self.ending.send_replace(Some(ending));

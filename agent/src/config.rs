@@ -97,6 +97,10 @@ pub struct ControlPlaneConfig {
     /// Events kept on disk for the control plane at most; at the limit new pulls are refused.
     #[serde(default = "defaults::outbox_max_events")]
     pub outbox_max_events: usize,
+    /// How long a registration is reused before the control plane is asked again. A digest
+    /// that changes for a known id is refused whatever this is.
+    #[serde(default = "defaults::cache_ttl", with = "humantime_serde")]
+    pub cache_ttl: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -573,6 +577,9 @@ mod defaults {
     pub(super) fn control_plane_timeout() -> Duration {
         Duration::from_secs(10)
     }
+    pub(super) fn cache_ttl() -> Duration {
+        Duration::from_secs(30)
+    }
     pub(super) fn outbox_max_events() -> usize {
         100_000
     }
@@ -606,6 +613,7 @@ impl Default for ControlPlaneConfig {
             ca_file: None,
             timeout: defaults::control_plane_timeout(),
             outbox_max_events: defaults::outbox_max_events(),
+            cache_ttl: defaults::cache_ttl(),
         }
     }
 }

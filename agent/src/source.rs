@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use control_client::{BoxFuture, Credential, SourceDescriptor, SourceType};
+use control_client::{BoxFuture, ControlPlaneError, Credentials, SourceDescriptor, SourceType};
 use futures_util::stream::BoxStream;
 
 use crate::config::Config;
@@ -82,6 +82,10 @@ pub enum SourceError {
     InvalidUri { uri: Redacted, reason: String },
     #[error("source type {0} is not supported by this build")]
     Unsupported(SourceType),
+    #[error("cannot obtain credentials for the source")]
+    Credentials(#[from] ControlPlaneError),
+    #[error("the control plane issued the wrong kind of credentials for {uri}: it takes {wanted}")]
+    WrongCredential { uri: Redacted, wanted: &'static str },
     #[error("{uri} does not exist")]
     NotFound { uri: Redacted },
     #[error("{uri} was refused with status {status}")]
@@ -135,6 +139,7 @@ impl SourceError {
                 !crate::errors::has_io_kind(source, std::io::ErrorKind::InvalidData)
             }
             SourceError::Truncated { .. } => true,
+            SourceError::Credentials(e) => e.code() == "control_plane_unavailable",
             _ => false,
         }
     }
@@ -151,6 +156,8 @@ impl SourceError {
         match self {
             SourceError::Policy(e) => e.code(),
             SourceError::InvalidUri { .. } => "invalid_source_uri",
+            SourceError::Credentials(e) => e.code(),
+            SourceError::WrongCredential { .. } => "wrong_credential_kind",
             SourceError::Unsupported(_) => "unsupported_source",
             SourceError::NotFound { .. } => "source_not_found",
             SourceError::Denied { .. } => "source_denied",
@@ -171,7 +178,7 @@ impl SourceError {
 /// request is made.
 pub fn open(
     descriptor: &SourceDescriptor,
-    credential: Credential,
+    credentials: Credentials,
     config: &Config,
     policy: Arc<Policy>,
     http: &reqwest::Client,
@@ -179,7 +186,7 @@ pub fn open(
     match descriptor.source_type {
         SourceType::Https => {
             let source =
-                https::HttpsSource::new(&descriptor.uri, credential, policy, http.clone())?;
+                https::HttpsSource::new(&descriptor.uri, credentials, policy, http.clone())?;
             Ok(Arc::new(source))
         }
         SourceType::ArtifactStore => {

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use control_client::{
-    Artifact, ArtifactId, ControlPlane, ControlPlaneError, Digest, Event, Intent, Operation,
-    Outcome, Requester,
+    Artifact, ArtifactId, CachedControlPlane, ControlPlane, ControlPlaneError, CredentialCache,
+    Digest, Event, Intent, Operation, Outcome, Requester,
 };
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
@@ -117,7 +117,9 @@ impl StageError {
             | "insecure_source"
             | "unsupported_source"
             | "invalid_source_uri"
-            | "digest_pin_mismatch" => Outcome::Refused,
+            | "digest_pin_mismatch"
+            | "registration_changed"
+            | "wrong_credential_kind" => Outcome::Refused,
             _ => Outcome::Failed,
         }
     }
@@ -196,7 +198,10 @@ impl Observer {
 pub struct Stager {
     config: Arc<Config>,
     node_id: String,
+    /// Registrations, kept for `cache_ttl`, digests checked against earlier answers.
     control_plane: Arc<dyn ControlPlane>,
+    /// Credentials per artifact, shared by every range and every pull of it.
+    credentials: Arc<CredentialCache>,
     policy: Arc<Policy>,
     store: Store,
     http: reqwest::Client,
@@ -226,13 +231,16 @@ impl Stager {
                 "removed partial transfers older than ingest_ttl"
             );
         }
+        let credentials = CredentialCache::new(control_plane.clone(), config.node_id());
+        let cached = CachedControlPlane::new(control_plane, config.control_plane.cache_ttl);
         Ok(Stager {
+            credentials: Arc::new(credentials),
+            control_plane: Arc::new(cached),
             node_id: config.node_id(),
             policy: Arc::new(Policy::new(config.policy.clone())),
             connections: Arc::new(Semaphore::new(config.transfer.max_connections)),
             outbox: Arc::new(outbox),
             config,
-            control_plane,
             store,
             http,
         })
@@ -423,13 +431,13 @@ impl Stager {
         artifact: &Artifact,
         observer: &Observer,
     ) -> Result<(Arc<dyn source::Source>, ObjectInfo), StageError> {
-        let credential = self
-            .control_plane
-            .credentials(&artifact.id, Intent::Pull, &self.node_id)
-            .await?;
+        let credentials = self.credentials.scoped(&artifact.id, Intent::Pull);
+        // Asked before the source is opened, so that a control plane that issues nothing stops
+        // the pull before any request to the source.
+        credentials.current().await?;
         let source = source::open(
             &artifact.source,
-            credential,
+            credentials,
             &self.config,
             self.policy.clone(),
             &self.http,

@@ -15,6 +15,7 @@
 #![warn(unreachable_pub, missing_debug_implementations)]
 
 mod artifact;
+mod cache;
 mod credential;
 mod digest;
 mod event;
@@ -28,6 +29,7 @@ pub use artifact::{
     Artifact, ArtifactId, ArtifactKind, Channel, LifecycleState, PolicyDecision, SourceDescriptor,
     SourcePolicy, SourceType, TrustState,
 };
+pub use cache::{CachedControlPlane, CredentialCache, Credentials, RefreshHook};
 pub use credential::{Credential, Intent};
 pub use digest::{Algorithm, Digest, DigestError};
 pub use event::{Event, Operation, Outcome, Requester};
@@ -105,6 +107,15 @@ pub enum ControlPlaneError {
         detail: String,
     },
 
+    /// The control plane answered a digest other than the one it gave earlier for the same id.
+    /// A digest never changes for an artifact id, so the answer is refused.
+    #[error("registration of {id} changed its digest from {known} to {answered}")]
+    DigestChanged {
+        id: ArtifactId,
+        known: Digest,
+        answered: Digest,
+    },
+
     /// The options of a control-plane client were refused when it was built.
     #[error("invalid control plane options: {reason}")]
     InvalidOptions { reason: String },
@@ -121,6 +132,7 @@ impl ControlPlaneError {
             }
             ControlPlaneError::Denied { .. } => "control_plane_denied",
             ControlPlaneError::Rejected { .. } => "control_plane_rejected",
+            ControlPlaneError::DigestChanged { .. } => "registration_changed",
             ControlPlaneError::InvalidOptions { .. } => "config_invalid",
         }
     }

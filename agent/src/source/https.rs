@@ -14,7 +14,7 @@ use std::fmt;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
-use control_client::{BoxFuture, Credential, SourceType};
+use control_client::{BoxFuture, Credential, Credentials, SourceType};
 use futures_util::TryStreamExt;
 use reqwest::header::{self, HeaderMap};
 use reqwest::{Response, StatusCode};
@@ -32,7 +32,7 @@ pub struct HttpsSource {
     policy: Arc<Policy>,
     /// The registered URI; the bearer token is sent to its origin only.
     origin: Url,
-    bearer: Option<String>,
+    credentials: Credentials,
     /// Where `stat` ended up after redirects; ranged reads start there.
     resolved: Mutex<Url>,
 }
@@ -41,7 +41,7 @@ impl fmt::Debug for HttpsSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HttpsSource")
             .field("origin", &Redacted::url(&self.origin))
-            .field("bearer", &self.bearer.as_ref().map(|_| "<redacted>"))
+            .field("credentials", &self.credentials)
             .finish()
     }
 }
@@ -76,7 +76,7 @@ pub fn client(config: &crate::config::Config) -> Result<reqwest::Client, String>
 impl HttpsSource {
     pub fn new(
         uri: &str,
-        credential: Credential,
+        credentials: Credentials,
         policy: Arc<Policy>,
         client: reqwest::Client,
     ) -> Result<Self, SourceError> {
@@ -85,37 +85,33 @@ impl HttpsSource {
             reason: e.to_string(),
         })?;
         policy.check_url(SourceType::Https, &origin)?;
-        let bearer = match credential {
-            Credential::None => None,
-            Credential::Bearer { token, .. } => Some(token),
-            _ => {
-                return Err(SourceError::InvalidUri {
-                    uri: Redacted::url(&origin),
-                    reason: "https sources take bearer credentials or none".into(),
-                });
-            }
-        };
         Ok(HttpsSource {
             client,
             policy,
             resolved: Mutex::new(origin.clone()),
             origin,
-            bearer,
+            credentials,
         })
     }
 
-    /// Sends a GET, following redirects by hand; every hop passes the policy first.
+    /// Sends a GET, following redirects by hand; every hop passes the policy first. A 401 or
+    /// 403 from the origin the token went to is answered once with a refreshed token.
     async fn get(
         &self,
         start: Url,
         range: Option<(u64, u64)>,
         pinned: Option<&Validator>,
     ) -> Result<(Url, Response), SourceError> {
+        let mut credential = self.credentials.current().await?;
+        let mut refreshed = false;
         let mut url = start;
-        for _ in 0..=MAX_REDIRECTS {
+        let mut hops = 0;
+        while hops <= MAX_REDIRECTS {
             self.policy.check_url(SourceType::Https, &url)?;
+            let bearer =
+                bearer(&credential, &self.origin)?.filter(|_| same_origin(&url, &self.origin));
             let response = self
-                .request(&url, range, pinned)
+                .request(&url, range, pinned, bearer)
                 .send()
                 .await
                 .map_err(|source| SourceError::Transport {
@@ -123,6 +119,13 @@ impl HttpsSource {
                     what: "request failed",
                     source,
                 })?;
+            let status = response.status();
+            if bearer.is_some() && !refreshed && matches!(status.as_u16(), 401 | 403) {
+                credential = self.credentials.refresh(&credential).await?;
+                refreshed = true;
+                continue;
+            }
+            hops += 1;
             let location = response.headers().get(header::LOCATION);
             match location.filter(|_| response.status().is_redirection()) {
                 Some(location) => url = redirect_target(&url, location)?,
@@ -140,6 +143,7 @@ impl HttpsSource {
         url: &Url,
         range: Option<(u64, u64)>,
         pinned: Option<&Validator>,
+        bearer: Option<&str>,
     ) -> reqwest::RequestBuilder {
         let mut request = self
             .client
@@ -157,10 +161,22 @@ impl HttpsSource {
             }
             _ => {}
         }
-        match &self.bearer {
-            Some(token) if same_origin(url, &self.origin) => request.bearer_auth(token),
-            _ => request,
+        match bearer {
+            Some(token) => request.bearer_auth(token),
+            None => request,
         }
+    }
+}
+
+/// The token of a bearer credential; `None` for public objects.
+fn bearer<'c>(credential: &'c Credential, origin: &Url) -> Result<Option<&'c str>, SourceError> {
+    match credential {
+        Credential::None => Ok(None),
+        Credential::Bearer { token, .. } => Ok(Some(token)),
+        _ => Err(SourceError::WrongCredential {
+            uri: Redacted::url(origin),
+            wanted: "bearer or none",
+        }),
     }
 }
 

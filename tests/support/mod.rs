@@ -6,3 +6,4 @@ pub mod agent;
 pub mod daemon;
 pub mod front;
 pub mod origin;
+pub mod plane;

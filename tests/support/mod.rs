@@ -7,3 +7,4 @@ pub mod daemon;
 pub mod front;
 pub mod origin;
 pub mod plane;
+pub mod servers;

@@ -148,13 +148,17 @@ pub async fn serve(
     let stop_delivery = CancellationToken::new();
     let delivery = tokio::spawn(outbox.clone().run(stop_delivery.clone()));
     let notifier = notify::Notifier::from_env();
-    watch_over(&notifier, &pulls, &health, &stopping);
+    let watchdog = watch_over(&notifier, &pulls, &health, &stopping);
     notifier.ready("serving");
     signals.wait().await;
 
     info!("shutting down");
-    notifier.stopping();
     stopping.cancel();
+    // The last ping is out before STOPPING, never after it.
+    if let Some(watchdog) = watchdog {
+        let _ = watchdog.await;
+    }
+    notifier.stopping();
     let finished = pulls.shut_down(config.transfer.shutdown_grace).await;
     if !finished {
         warn!(grace = ?config.transfer.shutdown_grace, "transfers did not stop within the grace period");
@@ -175,15 +179,16 @@ pub async fn serve(
     Ok(())
 }
 
-/// Under systemd: the pulse of the pull scheduler, and the watchdog task that reads it.
+/// Under systemd: the pulse of the pull scheduler, and the watchdog task that reads it (its
+/// handle is returned; it ends when `stopping` fires).
 fn watch_over(
     notifier: &notify::Notifier,
     pulls: &Arc<Pulls>,
     health: &Arc<Health>,
     stopping: &CancellationToken,
-) {
+) -> Option<tokio::task::JoinHandle<()>> {
     if !notifier.is_on() {
-        return;
+        return None;
     }
     let watchdog = sd_notify::watchdog_enabled();
     let (_, beat_every) = notify::intervals(watchdog);
@@ -207,13 +212,8 @@ fn watch_over(
     let health = health.clone();
     let usable = move || health.store_usable();
     let notifier = notifier.clone();
-    tokio::spawn(notify::keep_alive(
-        notifier,
-        pulse,
-        watchdog,
-        usable,
-        stopping.clone(),
-    ));
+    let pinging = notify::keep_alive(notifier, pulse, watchdog, usable, stopping.clone());
+    Some(tokio::spawn(pinging))
 }
 
 /// The settings an operator checks first, once at start-up.

@@ -43,7 +43,7 @@ use futures_util::StreamExt;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, trace, warn};
+use tracing::{Instrument, debug, trace, warn};
 
 use crate::config::TransferConfig;
 use crate::digest::{self, Checkpoint, HashFeed, Hasher};
@@ -375,7 +375,7 @@ impl Transfer {
         });
         let mut workers = JoinSet::new();
         for _ in 0..self.settings.connections.min(plan.len()) {
-            workers.spawn(worker.clone().run());
+            workers.spawn(worker.clone().run().in_current_span());
         }
         while let Some(joined) = workers.join_next().await {
             match joined {

@@ -3,6 +3,7 @@
 //! carries the pull's span with its id (the API's pull id), artifact and digest, an API
 //! request's lines carry the request span with its id and operation, and a signed URI's query
 //! never appears, only `?<redacted>`. `fetch` logs JSON too and keeps stdout for the path.
+//! `journald` on a machine without a journal falls back to text, and says so first.
 
 mod support;
 
@@ -146,5 +147,34 @@ async fn fetch_logs_json_on_stderr_and_the_path_alone_on_stdout() {
     assert!(
         pulled["pull"].as_str().unwrap_or("").starts_with("p-"),
         "{pulled}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journald_without_a_journal_falls_back_to_text_and_says_so() {
+    if std::path::Path::new("/run/systemd/journal/socket").exists() {
+        eprintln!("skipped: this machine runs journald; the fallback cannot be seen here");
+        return;
+    }
+    let origin = Origin::start().await;
+    let body = pseudo_random(50_000, 33);
+    origin.put("/j", body.clone());
+    let mut setup = Setup::new();
+    setup.register(&[artifact("t/j@1", &origin.url("/j"), &body)]);
+    setup.env("BLOBSTAGE_LOG_FORMAT", "journald");
+    setup.env("BLOBSTAGE_LOG", "info");
+
+    let run = setup.fetch("t/j@1").await;
+    assert_eq!(run.code, 0, "{run:#?}");
+    let first = run.stderr.lines().next().unwrap_or_default();
+    assert!(
+        first.contains("the journal cannot be reached"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr
+            .lines()
+            .any(|l| l.contains("staged") && !l.starts_with('{'))
     );
 }

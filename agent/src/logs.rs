@@ -62,6 +62,8 @@ fn text(filter: EnvFilter) {
         .init();
 }
 
+// Limitation: no test machine runs journald, so no test reads what this layer sends; the choice
+// of it (`JOURNAL_STREAM` naming stderr) is tested, and its fallback to text.
 fn journald() -> std::io::Result<tracing_journald::Layer> {
     let layer = tracing_journald::layer()?
         .with_syslog_identifier("blobstage".into())

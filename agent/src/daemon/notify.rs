@@ -214,7 +214,10 @@ mod tests {
 
     /// A scheduler whose lock is held stops the pings; once it is released they resume.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[allow(clippy::await_holding_lock, reason = "the held lock is the wedge under test")]
+    #[allow(
+        clippy::await_holding_lock,
+        reason = "the held lock is the wedge under test"
+    )]
     async fn a_wedged_scheduler_gets_no_watchdog_ping_and_a_turning_one_does() {
         let sent = Arc::new(Mutex::new(Vec::new()));
         let notifier = Notifier::Recorded(sent.clone());

@@ -24,6 +24,8 @@ use tracing::{info, warn};
 use crate::config::Config;
 
 /// How old the last observation of the HTTP control plane may be before a check probes it.
+// Limitation: an idle daemon learns of an outage from a probe, so `/readyz` may say `ready` for
+// up to this long (plus one probe, at most `PROBE_TIMEOUT`) after the control plane went down.
 pub const PROBE_AFTER: Duration = Duration::from_secs(15);
 
 /// How long a probe may take; one that takes longer counts as `control_plane_unavailable`.

@@ -122,17 +122,21 @@ async fn json_lines_carry_the_request_and_pull_spans_and_no_signed_query() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fetch_logs_json_on_stderr_and_the_path_alone_on_stdout() {
+/// `blobstage fetch` of a fresh 50,000-byte blob with `BLOBSTAGE_LOG=info` and `format`.
+async fn fetch_logging(format: &str) -> support::agent::Run {
     let origin = Origin::start().await;
-    let body = pseudo_random(100_000, 32);
+    let body = pseudo_random(50_000, 32);
     origin.put("/f", body.clone());
     let mut setup = Setup::new();
     setup.register(&[artifact("t/f@1", &origin.url("/f"), &body)]);
-    setup.env("BLOBSTAGE_LOG_FORMAT", "json");
+    setup.env("BLOBSTAGE_LOG_FORMAT", format);
     setup.env("BLOBSTAGE_LOG", "info");
+    setup.fetch("t/f@1").await
+}
 
-    let run = setup.fetch("t/f@1").await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_logs_json_on_stderr_and_the_path_alone_on_stdout() {
+    let run = fetch_logging("json").await;
     assert_eq!(run.code, 0, "{run:#?}");
     assert_eq!(run.stdout.lines().count(), 1, "{run:#?}");
     let tagged: String = run
@@ -156,15 +160,7 @@ async fn journald_without_a_journal_falls_back_to_text_and_says_so() {
         eprintln!("skipped: this machine runs journald; the fallback cannot be seen here");
         return;
     }
-    let origin = Origin::start().await;
-    let body = pseudo_random(50_000, 33);
-    origin.put("/j", body.clone());
-    let mut setup = Setup::new();
-    setup.register(&[artifact("t/j@1", &origin.url("/j"), &body)]);
-    setup.env("BLOBSTAGE_LOG_FORMAT", "journald");
-    setup.env("BLOBSTAGE_LOG", "info");
-
-    let run = setup.fetch("t/j@1").await;
+    let run = fetch_logging("journald").await;
     assert_eq!(run.code, 0, "{run:#?}");
     let first = run.stderr.lines().next().unwrap_or_default();
     assert!(

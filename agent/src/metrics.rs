@@ -78,6 +78,55 @@ pub struct ScrapeGauges {
     pub control_plane_up: IntGauge,
 }
 
+impl ScrapeGauges {
+    fn new(r: &Registry) -> Self {
+        ScrapeGauges {
+            store_bytes: gauge(r, "store_bytes", help::STORE_BYTES),
+            store_blobs: gauge(r, "store_blobs", help::STORE_BLOBS),
+            ingest_bytes: gauge(r, "ingest_bytes", help::INGEST),
+            pulls_queued: gauge(r, "pulls_queued", help::QUEUED),
+            outbox_events: gauge(r, "outbox_events", help::OUTBOX),
+            outbox_oldest_age: float_gauge(r, "outbox_oldest_event_age_seconds", help::OLDEST),
+            control_plane_up: gauge(r, "control_plane_up", help::UP),
+        }
+    }
+}
+
+/// The help text of every metric.
+mod help {
+    pub(super) const PULLS: &str = "Pulls that ended, by outcome (one per event).";
+    pub(super) const PULL_ERRORS: &str = "Pulls that failed or were refused, by error code.";
+    pub(super) const VERIFIES: &str = "Verifies that ended, by outcome (one per event).";
+    pub(super) const VERIFY_ERRORS: &str = "Verifies that did not confirm the bytes, by code.";
+    pub(super) const TRANSFERRED: &str = "Bytes received from sources, retries included.";
+    pub(super) const RESUMED: &str =
+        "Bytes an interrupted earlier run left on disk that a transfer kept.";
+    pub(super) const STAGE: &str =
+        "Time from an admitted pull to its blob in the store, or to its failure.";
+    pub(super) const FIRST_BYTE: &str = "Time from sending a range request to its first body byte.";
+    pub(super) const TRANSFERS: &str = "Blobs being transferred now.";
+    pub(super) const CONNECTIONS: &str = "Requests to sources in flight now.";
+    pub(super) const RETRIES: &str = "Requests to sources tried again, by reason.";
+    pub(super) const REREQUESTS: &str =
+        "Range requests that start past their range's first byte, resuming what was written.";
+    pub(super) const REFRESHES: &str =
+        "Credentials fetched again because the one held was about to expire or was refused.";
+    pub(super) const EVICTED: &str = "Blobs evicted by garbage collection.";
+    pub(super) const FREED: &str = "Bytes freed by garbage collection.";
+    pub(super) const QUARANTINED: &str =
+        "Staged blobs moved to quarantine because they no longer matched their digest.";
+    pub(super) const API: &str = "Requests to the local API, by operation and HTTP status.";
+    pub(super) const BUILD: &str = "The running build; always 1.";
+    pub(super) const STORE_BYTES: &str = "Bytes of verified blobs in the store.";
+    pub(super) const STORE_BLOBS: &str = "Verified blobs in the store.";
+    pub(super) const INGEST: &str = "Bytes of partial transfers on disk.";
+    pub(super) const QUEUED: &str = "Pulls waiting for a transfer slot.";
+    pub(super) const OUTBOX: &str = "Events waiting in the outbox for the control plane.";
+    pub(super) const OLDEST: &str = "Age of the oldest event in the outbox; 0 when it is empty.";
+    pub(super) const UP: &str =
+        "1 when the control plane can be used, as /readyz judges it; else 0.";
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
@@ -90,137 +139,47 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let r = &registry;
+        let (source, outcome, code) = (&["source_type"][..], &["outcome"][..], &["code"][..]);
         let metrics = Metrics {
-            pulls: counters(
-                r,
-                "pulls_total",
-                "Pulls that ended, by outcome (one per event).",
-                &["outcome"],
-            ),
-            pull_errors: counters(
-                r,
-                "pull_errors_total",
-                "Pulls that failed or were refused, by error code.",
-                &["code"],
-            ),
-            verifies: counters(
-                r,
-                "verifies_total",
-                "Verifies that ended, by outcome (one per event).",
-                &["outcome"],
-            ),
-            verify_errors: counters(
-                r,
-                "verify_errors_total",
-                "Verifies that did not confirm the bytes, by error code.",
-                &["code"],
-            ),
-            transferred: counters(
-                r,
-                "transferred_bytes_total",
-                "Bytes received from sources, retries included.",
-                &["source_type"],
-            ),
-            resumed: counters(
-                r,
-                "resumed_bytes_total",
-                "Bytes an interrupted earlier run left on disk that a transfer kept.",
-                &["source_type"],
-            ),
+            pulls: counters(r, "pulls_total", outcome, help::PULLS),
+            pull_errors: counters(r, "pull_errors_total", code, help::PULL_ERRORS),
+            verifies: counters(r, "verifies_total", outcome, help::VERIFIES),
+            verify_errors: counters(r, "verify_errors_total", code, help::VERIFY_ERRORS),
+            transferred: counters(r, "transferred_bytes_total", source, help::TRANSFERRED),
+            resumed: counters(r, "resumed_bytes_total", source, help::RESUMED),
             stage_duration: histograms(
                 r,
                 "stage_duration_seconds",
-                "Time from an admitted pull to its blob in the store (or its failure).",
                 &["source_type", "outcome"],
+                help::STAGE,
                 STAGE_BUCKETS,
             ),
             first_byte: histograms(
                 r,
                 "time_to_first_byte_seconds",
-                "Time from sending a range request to its first body byte.",
-                &["source_type"],
+                source,
+                help::FIRST_BYTE,
                 FIRST_BYTE_BUCKETS,
             ),
-            transfers: gauges(
-                r,
-                "transfers_in_flight",
-                "Blobs being transferred now.",
-                &["source_type"],
-            ),
-            connections: gauges(
-                r,
-                "connections_in_flight",
-                "Requests to sources in flight now.",
-                &["source_type"],
-            ),
+            transfers: gauges(r, "transfers_in_flight", source, help::TRANSFERS),
+            connections: gauges(r, "connections_in_flight", source, help::CONNECTIONS),
             retries: counters(
                 r,
                 "retries_total",
-                "Requests to sources tried again, by reason.",
                 &["source_type", "reason"],
+                help::RETRIES,
             ),
-            rerequests: counters(
-                r,
-                "range_rerequests_total",
-                "Range requests that start past their range's first byte, resuming bytes already written.",
-                &["source_type"],
-            ),
-            credential_refreshes: counter(
-                r,
-                "credential_refreshes_total",
-                "Credentials fetched again because the one held expired or was refused.",
-            ),
-            gc_evicted: counter(
-                r,
-                "gc_evicted_blobs_total",
-                "Blobs evicted by garbage collection.",
-            ),
-            gc_freed: counter(
-                r,
-                "gc_freed_bytes_total",
-                "Bytes freed by garbage collection.",
-            ),
-            quarantined: counter(
-                r,
-                "quarantined_blobs_total",
-                "Staged blobs moved to quarantine because they no longer matched their digest.",
-            ),
-            api_requests: counters(
-                r,
-                "api_requests_total",
-                "Requests to the local API, by operation and HTTP status.",
-                &["operation", "status"],
-            ),
-            gauges: ScrapeGauges {
-                store_bytes: gauge(r, "store_bytes", "Bytes of verified blobs in the store."),
-                store_blobs: gauge(r, "store_blobs", "Verified blobs in the store."),
-                ingest_bytes: gauge(r, "ingest_bytes", "Bytes of partial transfers on disk."),
-                pulls_queued: gauge(r, "pulls_queued", "Pulls waiting for a transfer slot."),
-                outbox_events: gauge(
-                    r,
-                    "outbox_events",
-                    "Events waiting in the outbox for the control plane.",
-                ),
-                outbox_oldest_age: float_gauge(
-                    r,
-                    "outbox_oldest_event_age_seconds",
-                    "Age of the oldest event in the outbox; 0 when it is empty.",
-                ),
-                control_plane_up: gauge(
-                    r,
-                    "control_plane_up",
-                    "1 when the control plane answered its last call or probe, else 0.",
-                ),
-            },
+            rerequests: counters(r, "range_rerequests_total", source, help::REREQUESTS),
+            credential_refreshes: counter(r, "credential_refreshes_total", help::REFRESHES),
+            gc_evicted: counter(r, "gc_evicted_blobs_total", help::EVICTED),
+            gc_freed: counter(r, "gc_freed_bytes_total", help::FREED),
+            quarantined: counter(r, "quarantined_blobs_total", help::QUARANTINED),
+            api_requests: counters(r, "api_requests_total", &["operation", "status"], help::API),
+            gauges: ScrapeGauges::new(r),
             // A handle on the same registry (it is shared, not copied).
             registry: registry.clone(),
         };
-        let info = gauges(
-            r,
-            "build_info",
-            "The running build; always 1.",
-            &["version"],
-        );
+        let info = gauges(r, "build_info", &["version"], help::BUILD);
         info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         metrics.zero_series();
         metrics
@@ -358,9 +317,17 @@ pub struct TransferMetrics {
 }
 
 impl Default for TransferMetrics {
-    /// Unregistered series: a transfer that nobody scrapes.
+    /// Series in no registry: for a transfer that nobody scrapes.
     fn default() -> Self {
-        Metrics::new().transfer(SourceType::Https)
+        let counter = || IntCounter::new("detached_total", "-").expect("valid metric");
+        let opts = HistogramOpts::new("detached_seconds", "-");
+        TransferMetrics {
+            bytes: counter(),
+            connections: IntGauge::new("detached", "-").expect("valid metric"),
+            first_byte: Histogram::with_opts(opts).expect("valid metric"),
+            rerequests: counter(),
+            retries: REASONS.map(|_| counter()),
+        }
     }
 }
 
@@ -418,12 +385,12 @@ fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registr
     c
 }
 
-fn counters(registry: &Registry, short: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+fn counters(registry: &Registry, short: &str, labels: &[&str], help: &str) -> IntCounterVec {
     let vec = IntCounterVec::new(Opts::new(name(short), help), labels).expect("valid metric");
     register(registry, vec)
 }
 
-fn gauges(registry: &Registry, short: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+fn gauges(registry: &Registry, short: &str, labels: &[&str], help: &str) -> IntGaugeVec {
     let vec = IntGaugeVec::new(Opts::new(name(short), help), labels).expect("valid metric");
     register(registry, vec)
 }
@@ -431,8 +398,8 @@ fn gauges(registry: &Registry, short: &str, help: &str, labels: &[&str]) -> IntG
 fn histograms(
     registry: &Registry,
     short: &str,
-    help: &str,
     labels: &[&str],
+    help: &str,
     buckets: &[f64],
 ) -> HistogramVec {
     let opts = HistogramOpts::new(name(short), help).buckets(buckets.to_vec());

@@ -19,7 +19,6 @@ use control_client::{
 };
 use hyper::Method;
 use serde_json::{Value, json};
-use tracing_subscriber::EnvFilter;
 
 use crate::client::{Client, ClientError};
 use crate::config::Config;
@@ -249,7 +248,7 @@ fn fetch(args: FetchArgs) -> Result<(), Failure> {
     } = load(&args.config.path)?;
     let id = ArtifactId::new(args.artifact_id)
         .map_err(|e| Failure::usage("invalid_artifact_id", e.to_owned()))?;
-    init_logging("warn");
+    crate::logs::init("warn", config.log.format);
     let staged = runtime()?.block_on(async {
         let stager = Stager::new(config, control_plane, http)
             .map_err(|e| Failure::runtime(e.code(), crate::errors::Chain(&e).to_string()))?;
@@ -272,7 +271,7 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         http,
         control_plane,
     } = load(&args.config.path)?;
-    init_logging("info");
+    crate::logs::init("info", config.log.format);
     runtime()?.block_on(async {
         crate::daemon::serve(config, control_plane, http)
             .await
@@ -282,7 +281,7 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
 
 /// Runs a client command on a small runtime of its own.
 fn client_command(command: impl AsyncFnOnce() -> Result<(), Failure>) -> Result<(), Failure> {
-    init_logging("warn");
+    crate::logs::init("warn", crate::config::LogFormat::Text);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -514,15 +513,4 @@ fn this_process() -> Requester {
         uid,
         pid: i32::try_from(std::process::id()).ok(),
     }
-}
-
-/// Logs to stderr, filtered by `BLOBSTAGE_LOG` (e.g. `debug`, `blobstage=trace`).
-fn init_logging(default: &str) {
-    let filter =
-        EnvFilter::try_from_env("BLOBSTAGE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
 }

@@ -35,6 +35,7 @@ const SECTIONS: &[&str] = &[
     "transfer",
     "policy",
     "api",
+    "log",
 ];
 
 #[derive(Debug, Clone, Deserialize)]
@@ -58,6 +59,44 @@ pub struct Config {
     pub sources: SourcesConfig,
     #[serde(default)]
     pub policy: PolicyConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// How log lines are written. The filter is `BLOBSTAGE_LOG`, not a key: it applies before the
+/// configuration is read.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+/// Where and how log lines go.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// The journal's native fields when stderr is connected to the journal (`JOURNAL_STREAM`),
+    /// else text.
+    #[default]
+    Auto,
+    /// Human-readable lines on stderr (colours on a terminal).
+    Text,
+    /// One JSON object a line on stderr, with the fields of the spans it happened in.
+    Json,
+    /// Straight to the journal, every field a journal field.
+    Journald,
+}
+
+impl LogFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            LogFormat::Auto => "auto",
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+            LogFormat::Journald => "journald",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -668,6 +707,7 @@ mod tests {
         );
         assert_eq!(c.control_plane.outbox_max_events, 100_000);
         assert!(c.policy.allow.is_empty());
+        assert_eq!(c.log.format, LogFormat::Auto);
     }
 
     #[test]
@@ -681,6 +721,8 @@ mod tests {
                 ("BLOBSTAGE_CONTROL_PLANE_REGISTRY", "reg.json"),
                 ("BLOBSTAGE_SOURCES_AZURE_BLOB_ACCOUNT", "acct"),
                 ("BLOBSTAGE_POLICY_CHANNELS", "[\"prod\", \"dev\"]"),
+                ("BLOBSTAGE_LOG_FORMAT", "json"),
+                ("BLOBSTAGE_LOG", "debug"),
                 ("BLOBSTAGE_SOCKET", "/not/config"),
                 ("OTHER", "x"),
             ],
@@ -692,6 +734,7 @@ mod tests {
         assert_eq!(c.registry_path(), Path::new("/etc/blobstage/reg.json"));
         assert_eq!(c.sources.azure_blob.account.as_deref(), Some("acct"));
         assert_eq!(c.policy.channels, Some(vec!["prod".into(), "dev".into()]));
+        assert_eq!(c.log.format, LogFormat::Json);
     }
 
     #[test]
@@ -719,6 +762,7 @@ mod tests {
             "[[policy.allow]]\nsource_type = 'https'\nhost = 'a.*.com'",
             "[[policy.allow]]\nsource_type = 'ftp'",
             "[policy]\nmin_trust = { prod = 'trusted' }",
+            "[log]\nformat = 'xml'",
         ] {
             assert!(load(bad, &[]).is_err(), "accepted: {bad}");
         }

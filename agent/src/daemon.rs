@@ -1,7 +1,8 @@
 //! `blobstage serve`: the daemon runtime operators talk to.
 //!
 //! Binds the local API on the Unix socket (its directory created, a stale socket replaced, mode
-//! 0660) and the health listener on loopback TCP, serves until SIGTERM or SIGINT, then stops
+//! 0660) and the health listener on loopback TCP (`/healthz`, `/readyz`, `/metrics`: see
+//! [`health`]), tells systemd it is ready ([`notify`]), serves until SIGTERM or SIGINT, then stops
 //! accepting, cancels the pulls in flight so that each checkpoints for a later resume, waits up
 //! to `shutdown_grace` for them, and returns. Peers are checked by the credentials of their
 //! socket: root and the daemon's own user, or exactly the configured `allowed_uids` and
@@ -14,9 +15,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use control_client::{ControlPlane, Outcome, Requester};
+use hyper::StatusCode;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
@@ -26,16 +27,19 @@ use crate::config::Config;
 use crate::stage::Stager;
 
 pub mod api;
+pub mod health;
 pub mod leases;
-mod notify;
+pub mod notify;
+pub mod probe;
 pub mod pulls;
 
 use api::{Api, ApiError};
+use health::Health;
 use leases::Leases;
 use pulls::{Pulls, Watermarks};
 
 /// How long a client may take to send a request's headers.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -48,6 +52,8 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Stage(#[from] crate::stage::StageError),
+    #[error("the store in {} cannot be used", path.display())]
+    Store { path: std::path::PathBuf },
     #[error("cannot read the leases in {}", path.display())]
     Leases {
         path: std::path::PathBuf,
@@ -92,6 +98,7 @@ pub async fn serve(
     control_plane: Arc<dyn ControlPlane>,
     http: reqwest::Client,
 ) -> Result<(), DaemonError> {
+    let (control_plane, check) = probe::watch(&config, control_plane);
     let stager = Arc::new(Stager::new(config.clone(), control_plane, http)?);
     let path = config.state_dir.join("leases.json");
     let leases =
@@ -107,34 +114,51 @@ pub async fn serve(
         pulls: pulls.clone(),
         shutting_down: stopping.clone(),
     });
+    // Before READY: a SIGTERM that comes right after it must find the handlers in place.
+    let signals = Signals::new();
 
     let socket = bind_socket(&config.api.socket)?;
-    let health = TcpListener::bind(config.api.metrics_listen)
+    let listener = TcpListener::bind(config.api.metrics_listen)
         .await
         .map_err(|source| DaemonError::Bind {
             what: config.api.metrics_listen.to_string(),
             source,
         })?;
-    let metrics = health
+    let metrics = listener
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
+    log_configuration(&config);
     info!(socket = %config.api.socket.display(), %metrics, "listening");
 
+    let health = Arc::new(Health {
+        config: config.clone(),
+        pulls: pulls.clone(),
+        control_plane: check,
+    });
+    if !health.store_usable() {
+        return Err(DaemonError::Store {
+            path: config.state_dir.clone(),
+        });
+    }
+    health.control_plane.refresh();
     let peers = Peers::new(&config);
     let serving = tokio::spawn(accept_socket(socket, api, peers, stopping.clone()));
-    let checks = tokio::spawn(accept_health(health, config.clone(), stopping.clone()));
+    let checks = tokio::spawn(health::serve(listener, health.clone(), stopping.clone()));
     let stop_delivery = CancellationToken::new();
     let delivery = tokio::spawn(outbox.clone().run(stop_delivery.clone()));
-    let store_dir = config.state_dir.join("blobs");
-    let usable = move || store_dir.is_dir();
-    tokio::spawn(notify::keep_alive(pulls.clone(), usable, stopping.clone()));
-    notify::ready("serving");
-    wait_for_signal().await;
+    let notifier = notify::Notifier::from_env();
+    let watchdog = watch_over(&notifier, &pulls, &health, &stopping);
+    notifier.ready("serving");
+    signals.wait().await;
 
     info!("shutting down");
-    notify::stopping();
     stopping.cancel();
+    // The last ping is out before STOPPING, never after it.
+    if let Some(watchdog) = watchdog {
+        let _ = watchdog.await;
+    }
+    notifier.stopping();
     let finished = pulls.shut_down(config.transfer.shutdown_grace).await;
     if !finished {
         warn!(grace = ?config.transfer.shutdown_grace, "transfers did not stop within the grace period");
@@ -153,6 +177,64 @@ pub async fn serve(
     let _ = std::fs::remove_file(&config.api.socket);
     info!("stopped");
     Ok(())
+}
+
+/// Under systemd: the pulse of the pull scheduler, and the watchdog task that reads it (its
+/// handle is returned; it ends when `stopping` fires).
+fn watch_over(
+    notifier: &notify::Notifier,
+    pulls: &Arc<Pulls>,
+    health: &Arc<Health>,
+    stopping: &CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    if !notifier.is_on() {
+        return None;
+    }
+    let watchdog = sd_notify::watchdog_enabled();
+    let (_, beat_every) = notify::intervals(watchdog);
+    let pulse = Arc::new(notify::Pulse::default());
+    let scheduler = pulls.clone();
+    let probe: notify::Probe = Arc::new(move || {
+        let (active, queued) = scheduler.counts();
+        notify::Snapshot {
+            active,
+            queued,
+            bytes_done: scheduler.bytes_done(),
+            events_waiting: scheduler.stager().outbox().depth(),
+        }
+    });
+    tokio::spawn(notify::beat(
+        pulse.clone(),
+        beat_every,
+        probe,
+        stopping.clone(),
+    ));
+    let health = health.clone();
+    let usable = move || health.store_usable();
+    let notifier = notifier.clone();
+    let pinging = notify::keep_alive(notifier, pulse, watchdog, usable, stopping.clone());
+    Some(tokio::spawn(pinging))
+}
+
+/// The settings an operator checks first, once at start-up.
+fn log_configuration(config: &Config) {
+    let cp = &config.control_plane;
+    let control_plane = match &cp.url {
+        Some(url) => crate::redact::Redacted::uri(url).to_string(),
+        None => format!("file {}", config.registry_path().display()),
+    };
+    let t = &config.transfer;
+    info!(
+        state_dir = %config.state_dir.display(),
+        node = %config.node_id(),
+        %control_plane,
+        chunk_size = %t.chunk_size,
+        connections_per_blob = t.connections_per_blob,
+        max_connections = t.max_connections,
+        max_transfers = t.max_transfers,
+        log_format = config.log.format.name(),
+        "configuration"
+    );
 }
 
 fn bind_socket(path: &Path) -> Result<UnixListener, DaemonError> {
@@ -218,6 +300,10 @@ async fn serve_peer(stream: UnixStream, api: Arc<Api>, peers: Peers) {
                 return Ok::<_, Infallible>(api.handle(request, requester).await);
             }
             let stager = api.pulls.stager();
+            let status = StatusCode::FORBIDDEN.as_u16();
+            stager
+                .metrics()
+                .api_request(api::operation(&request), status);
             stager
                 .record_unstaged(
                     None,
@@ -238,58 +324,25 @@ async fn serve_peer(stream: UnixStream, api: Arc<Api>, peers: Peers) {
     let _ = connection.await;
 }
 
-async fn accept_health(listener: TcpListener, config: Arc<Config>, stopping: CancellationToken) {
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(_) => continue,
-            },
-            () = stopping.cancelled() => return,
-        };
-        let config = config.clone();
-        let service = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-            let ready = is_ready(&config);
-            async move { Ok::<_, Infallible>(health(request.uri().path(), ready)) }
-        });
-        tokio::spawn(async move {
-            let connection = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service);
-            let _ = connection.await;
-        });
+/// SIGTERM and SIGINT, caught from the moment this is made.
+struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        Signals {
+            terminate: signal(SignalKind::terminate()).expect("SIGTERM handler"),
+            interrupt: signal(SignalKind::interrupt()).expect("SIGINT handler"),
+        }
     }
-}
 
-/// Ready when the store can be used and, for the file-backed control plane, its registry can
-/// be read.
-// Limitation: an HTTP control plane is not probed; readiness does not reflect whether it answers.
-fn is_ready(config: &Config) -> bool {
-    let control_plane = config.control_plane.url.is_some() || config.registry_path().is_file();
-    config.state_dir.join("blobs").is_dir() && control_plane
-}
-
-fn health(path: &str, ready: bool) -> Response<http_body_util::Full<bytes::Bytes>> {
-    let (status, text) = match path {
-        "/healthz" => (StatusCode::OK, "ok"),
-        "/readyz" if ready => (StatusCode::OK, "ready"),
-        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "not ready"),
-        _ => (StatusCode::NOT_FOUND, "not found"),
-    };
-    Response::builder()
-        .status(status)
-        .header(hyper::header::CONTENT_TYPE, "text/plain")
-        .body(http_body_util::Full::new(bytes::Bytes::from(text)))
-        .expect("a valid response")
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut interrupt = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = interrupt.recv() => {}
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
     }
 }

@@ -15,6 +15,8 @@ pub mod config;
 pub mod daemon;
 pub mod digest;
 pub mod errors;
+pub mod logs;
+pub mod metrics;
 pub mod policy;
 pub mod redact;
 pub mod report;

@@ -24,6 +24,7 @@ use tracing::{Instrument, info, info_span, warn};
 pub mod verify;
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::policy::{Admission, Policy, PolicyError};
 use crate::report::{Outbox, OutboxError};
 use crate::source::ObjectInfo;
@@ -138,6 +139,8 @@ pub enum Phase {
 /// A window on a running pull, and the switch that cancels it.
 #[derive(Debug)]
 pub struct Observer {
+    /// The pull's id (`p-<uuid>`): the daemon's pull id, and the `pull` field of its log span.
+    id: String,
     phase: AtomicU8,
     /// Bytes received from the source so far in this run.
     received: Arc<AtomicU64>,
@@ -151,6 +154,7 @@ pub struct Observer {
 impl Default for Observer {
     fn default() -> Self {
         Observer {
+            id: format!("p-{}", uuid::Uuid::now_v7().simple()),
             phase: AtomicU8::new(Phase::Queued as u8),
             received: Arc::default(),
             resumed: AtomicU64::new(0),
@@ -161,6 +165,10 @@ impl Default for Observer {
 }
 
 impl Observer {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
     pub fn phase(&self) -> Phase {
         match self.phase.load(Ordering::Acquire) {
             0 => Phase::Queued,
@@ -209,6 +217,8 @@ pub struct Stager {
     connections: Arc<Semaphore>,
     /// Where every event goes first; delivered to the control plane from there.
     outbox: Arc<Outbox>,
+    /// What this process counts; the daemon serves it at `/metrics`.
+    metrics: Arc<Metrics>,
 }
 
 impl Stager {
@@ -231,9 +241,13 @@ impl Stager {
                 "removed partial transfers older than ingest_ttl"
             );
         }
-        let credentials = CredentialCache::new(control_plane.clone(), config.node_id());
+        let metrics = Arc::new(Metrics::new());
+        let counted = metrics.clone();
+        let credentials = CredentialCache::new(control_plane.clone(), config.node_id())
+            .with_refresh_hook(Arc::new(move || counted.credential_refreshed()));
         let cached = CachedControlPlane::new(control_plane, config.control_plane.cache_ttl);
         Ok(Stager {
+            metrics,
             credentials: Arc::new(credentials),
             control_plane: Arc::new(cached),
             node_id: config.node_id(),
@@ -256,6 +270,10 @@ impl Stager {
 
     pub fn outbox(&self) -> &Arc<Outbox> {
         &self.outbox
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Writes `event` to the outbox, durably, before the operation is reported done.
@@ -339,11 +357,17 @@ impl Stager {
     ) -> Result<Staged, StageError> {
         let started = Instant::now();
         let (id, digest) = (artifact.id.clone(), artifact.digest.clone());
-        let span = info_span!("pull", artifact = %id);
+        let source_type = artifact.source.source_type;
+        let span = info_span!("pull", pull = %observer.id(), artifact = %id, %digest);
         let result = self
             .stage_admitted(artifact, started, observer)
             .instrument(span)
             .await;
+        let outcome = result
+            .as_ref()
+            .map_or_else(StageError::outcome, |s| s.outcome);
+        let seconds = started.elapsed().as_secs_f64();
+        self.metrics.stage_took(source_type, outcome, seconds);
         self.record(&id, Some(digest), requester, started, result)
             .await
     }
@@ -363,6 +387,7 @@ impl Stager {
         event.digest = digest;
         event.error_code = Some(code.to_owned());
         event.requested_by = requester;
+        self.metrics.pull_ended(outcome, Some(code));
         if let Err(e) = self.keep(event).await {
             warn!(error = %crate::errors::Chain(&e), code, "an event was not recorded");
         }
@@ -394,6 +419,8 @@ impl Stager {
         event.digest = digest;
         event.requested_by = requester;
         let event = event.with_duration(started.elapsed());
+        self.metrics
+            .pull_ended(event.outcome, event.error_code.as_deref());
 
         // Only a disk that cannot be written loses an event here; a staged pull then fails.
         match (self.keep(event).await, result) {
@@ -451,7 +478,9 @@ impl Stager {
         })?;
         // The first request counts against the connection budget like every range request.
         let permit = self.connections.acquire().await.expect("never closed");
-        let info = transfer::stat(source.as_ref(), self.config.transfer.max_attempts).await;
+        let metrics = self.metrics.transfer(artifact.source.source_type);
+        let attempts = self.config.transfer.max_attempts;
+        let info = transfer::stat(source.as_ref(), attempts, &metrics).await;
         drop(permit);
         let info = info?;
         observer.total.store(info.size, Ordering::Release);
@@ -470,6 +499,8 @@ impl Stager {
         started: Instant,
         observer: &Observer,
     ) -> Result<Staged, StageError> {
+        let source_type = artifact.source.source_type;
+        let _in_flight = self.metrics.transfer_in_flight(source_type);
         let (source, info) = self.open_source(&artifact, observer).await?;
 
         // One owner per ingest: wait for another process staging the same blob, then answer
@@ -490,9 +521,11 @@ impl Stager {
         let mut transfer = Transfer::new(source, info, ingest.file(), algorithm, settings)
             .with_journal(ingest.journal_path().to_owned(), &artifact.digest)
             .with_budget(self.connections.clone())
+            .with_metrics(self.metrics.transfer(source_type))
             .observed(observer.received.clone(), observer.cancel.clone());
         if let Some(resume) = resume {
             observer.resumed.store(resume.bytes(), Ordering::Release);
+            self.metrics.resumed(source_type, resume.bytes());
             transfer = transfer.resuming(resume);
         }
         observer.set_phase(Phase::Transferring);

@@ -43,11 +43,12 @@ use futures_util::StreamExt;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, trace, warn};
 
 use crate::config::TransferConfig;
 use crate::digest::{self, Checkpoint, HashFeed, Hasher};
 use crate::errors::Chain;
+use crate::metrics::TransferMetrics;
 use crate::source::{ObjectInfo, Source, SourceError};
 
 pub mod journal;
@@ -138,16 +139,24 @@ impl TransferError {
 }
 
 /// Learns the object's size and validator, retrying like any other request of the transfer.
-pub async fn stat(source: &dyn Source, max_attempts: u32) -> Result<ObjectInfo, SourceError> {
+pub async fn stat(
+    source: &dyn Source,
+    max_attempts: u32,
+    metrics: &TransferMetrics,
+) -> Result<ObjectInfo, SourceError> {
     let mut retry = Retry::new(max_attempts);
     loop {
-        let error = match source.stat().await {
+        let connection = metrics.connection();
+        let stated = source.stat().await;
+        drop(connection);
+        let error = match stated {
             Ok(info) => return Ok(info),
             Err(e) => e,
         };
         let Some(delay) = retry.next_delay(&error) else {
             return Err(error);
         };
+        metrics.retry(retry::reason(&error));
         warn!(attempt = retry.attempt(), max = retry.max_attempts(), ?delay, error = %Chain(&error),
             "first request failed, retrying");
         tokio::time::sleep(delay).await;
@@ -198,6 +207,7 @@ pub struct Transfer {
     cancel: CancellationToken,
     /// Connections for all transfers of the process together; one permit per range request.
     budget: Option<Arc<Semaphore>>,
+    metrics: TransferMetrics,
 }
 
 impl Transfer {
@@ -220,7 +230,14 @@ impl Transfer {
             resume: None,
             cancel: CancellationToken::new(),
             budget: None,
+            metrics: TransferMetrics::default(),
         }
+    }
+
+    /// Counts bytes, requests and retries into `metrics` (the series of the source's type).
+    pub fn with_metrics(mut self, metrics: TransferMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Counts received bytes into `received` (so others can watch), and stops at the next
@@ -297,6 +314,7 @@ impl Transfer {
                     source: error,
                 });
             };
+            self.metrics.retry(retry::reason(&error));
             warn!(attempt = retry.attempt(), max = retry.max_attempts(), ?delay, error = %Chain(&error),
                 "single-stream transfer failed, starting over");
             tokio::time::sleep(delay).await;
@@ -345,6 +363,7 @@ impl Transfer {
             received: self.received.clone(),
             cancel: self.cancel.clone(),
             budget: self.budget.clone(),
+            metrics: self.metrics.clone(),
             ranged,
             max_attempts: if ranged {
                 self.settings.max_attempts
@@ -356,7 +375,7 @@ impl Transfer {
         });
         let mut workers = JoinSet::new();
         for _ in 0..self.settings.connections.min(plan.len()) {
-            workers.spawn(worker.clone().run());
+            workers.spawn(worker.clone().run().in_current_span());
         }
         while let Some(joined) = workers.join_next().await {
             match joined {
@@ -454,6 +473,7 @@ struct Worker {
     received: Arc<AtomicU64>,
     cancel: CancellationToken,
     budget: Option<Arc<Semaphore>>,
+    metrics: TransferMetrics,
     ranged: bool,
     max_attempts: u32,
     checkpoints: Option<Checkpoints>,
@@ -491,12 +511,16 @@ impl Worker {
                 attempt = retry.attempt(),
                 "range request"
             );
+            if from > range.start {
+                self.metrics.rerequest();
+            }
             let permit = match &self.budget {
                 Some(budget) => Some(budget.clone().acquire_owned().await.expect("never closed")),
                 None => None,
             };
+            let connection = self.metrics.connection();
             let fetched = self.fetch(index, from..range.end).await;
-            drop(permit);
+            drop((connection, permit));
             let error = match fetched {
                 Ok(()) => return Ok(()),
                 Err(Fetch::Write(e)) => return Err(TransferError::Write(e)),
@@ -509,6 +533,7 @@ impl Worker {
                     source: error,
                 });
             };
+            self.metrics.retry(retry::reason(&error));
             warn!(?range, attempt = retry.attempt(), max = retry.max_attempts(), ?delay, error = %Chain(&error),
                 "range failed, retrying");
             tokio::time::sleep(delay).await;
@@ -519,10 +544,12 @@ impl Worker {
     /// written too, so that a retry starts after them.
     async fn fetch(&self, index: usize, want: Range<u64>) -> Result<(), Fetch> {
         let expected = want.end - want.start;
+        let asked = Instant::now();
         let mut stream = self
             .source
             .read(self.ranged.then(|| want.clone()), &self.info)
             .await?;
+        let mut first_byte = Some(asked);
         let mut block = BytesMut::with_capacity(self.write_block.min(expected as usize));
         let mut offset = want.start;
         let mut got = 0u64;
@@ -545,9 +572,13 @@ impl Worker {
                     expected,
                 });
             }
+            if let Some(asked) = first_byte.take() {
+                self.metrics.first_byte(asked.elapsed().as_secs_f64());
+            }
             got += chunk.len() as u64;
             self.received
                 .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            self.metrics.received(chunk.len() as u64);
             let mut rest = &chunk[..];
             while !rest.is_empty() {
                 let take = rest.len().min(self.write_block - block.len());
@@ -579,6 +610,7 @@ impl Worker {
             .expect("pwrite task panicked")
             .map_err(Fetch::Write)?;
         let len = bytes.len() as u64;
+        trace!(index, offset = at, len, "block written");
         self.progress.record(index, len);
         *offset += len;
         self.feed.written(at, bytes);

@@ -78,6 +78,16 @@ pub enum SourceType {
 }
 
 impl SourceType {
+    /// Every source type, for metrics that show a series for each (zero until used).
+    pub const ALL: [SourceType; 6] = [
+        SourceType::S3,
+        SourceType::Gcs,
+        SourceType::AzureBlob,
+        SourceType::Https,
+        SourceType::Huggingface,
+        SourceType::ArtifactStore,
+    ];
+
     /// The name used in configuration, metrics labels and messages.
     pub fn name(self) -> &'static str {
         match self {

@@ -4,8 +4,8 @@
 //! directory) whose configuration also sets `[api] socket = "<root>/run/agent.sock"` and
 //! `metrics_listen = "127.0.0.1:0"`. `Node::start` spawns `blobstage serve` as a child
 //! process, keeps what it writes to stdout and stderr, and returns once the socket accepts
-//! connections; dropping the `Daemon` stops it (SIGTERM, then SIGKILL after 5 s), so a failed
-//! test leaves no process behind.
+//! connections (`Node::spawn` returns at once); dropping the `Daemon` stops it (SIGTERM, then
+//! SIGKILL after 5 s), so a failed test leaves no process behind.
 //!
 //! The client side is deliberately minimal and independent of the daemon's code: one raw
 //! HTTP/1.1 request per connection (`Connection: close`, `Content-Length` when there is a
@@ -83,6 +83,13 @@ impl Node {
     /// Starts `blobstage serve --config <config>` and waits until its socket accepts a
     /// connection; panics with the daemon's output if it exits or does not get there in 10 s.
     pub async fn start(&self) -> Daemon {
+        let mut daemon = self.spawn();
+        daemon.wait_until_accepting().await;
+        daemon
+    }
+
+    /// Starts `blobstage serve --config <config>` and returns at once, before it serves.
+    pub fn spawn(&self) -> Daemon {
         let mut command = Command::new(env!("CARGO_BIN_EXE_blobstage"));
         command
             .arg("serve")
@@ -102,14 +109,12 @@ impl Node {
         let stderr = child.stderr.take().expect("piped stderr");
         collect_lines(stdout, "stdout", output.clone());
         collect_lines(stderr, "stderr", output.clone());
-        let mut daemon = Daemon {
+        Daemon {
             child,
             exit: None,
             socket: self.socket(),
             output,
-        };
-        daemon.wait_until_accepting().await;
-        daemon
+        }
     }
 
     /// `blobstage <subcommand> --socket <socket> <args>`, e.g. `cli("pull", &["--wait", id])`.

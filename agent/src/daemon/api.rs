@@ -57,6 +57,29 @@ pub enum Endpoint<'a> {
     Collect,
 }
 
+impl Endpoint<'_> {
+    /// The `operation` label of the API's metrics and log spans.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Endpoint::CreatePull => "create_pull",
+            Endpoint::GetPull(_) => "get_pull",
+            Endpoint::CancelPull(_) => "cancel_pull",
+            Endpoint::ListBlobs => "list_blobs",
+            Endpoint::GetBlob(_) => "get_blob",
+            Endpoint::Status => "status",
+            Endpoint::Verify => "verify",
+            Endpoint::TakeLease => "take_lease",
+            Endpoint::ReleaseLease(_) => "release_lease",
+            Endpoint::Collect => "gc",
+        }
+    }
+}
+
+/// The operation a request asks for, `unknown` when no route serves it.
+pub fn operation<B>(request: &Request<B>) -> &'static str {
+    route(request.method(), request.uri().path()).map_or("unknown", |e| e.name())
+}
+
 /// Matches a request to its route: `Err(true)` when the path exists for another method.
 pub fn route<'a>(method: &Method, path: &'a str) -> Result<Endpoint<'a>, bool> {
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
@@ -183,11 +206,15 @@ impl Api {
         request: Request<Incoming>,
         peer: Requester,
     ) -> Response<Full<Bytes>> {
-        let span = info_span!("request", method = %request.method(), path = %request.uri().path(),
-            uid = peer.uid);
+        let operation = operation(&request);
+        let id = format!("r-{}", uuid::Uuid::now_v7().simple());
+        let span = info_span!("request", request = %id, operation, method = %request.method(),
+            path = %request.uri().path(), uid = peer.uid);
         let answer = self.dispatch(request, peer).instrument(span.clone()).await;
         let response = answer.unwrap_or_else(ApiError::into_response);
-        span.in_scope(|| debug!(status = response.status().as_u16(), "answered"));
+        let status = response.status().as_u16();
+        self.pulls.stager().metrics().api_request(operation, status);
+        span.in_scope(|| debug!(status, "answered"));
         response
     }
 
@@ -521,6 +548,20 @@ mod tests {
         reached.sort();
         reached.dedup();
         assert_eq!(reached.len(), ROUTES.len(), "two routes reach one endpoint");
+        let mut names: Vec<_> = ROUTES
+            .iter()
+            .map(|(method, template)| {
+                let path = template.replace("{id}", "p-1").replace("{digest}", "d");
+                route(&method.parse().unwrap(), &path).unwrap().name()
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(
+            names.len(),
+            ROUTES.len(),
+            "two routes share an operation name"
+        );
         assert_eq!(route(&Method::PUT, "/v1/pulls"), Err(true));
         assert_eq!(route(&Method::GET, "/v2/pulls"), Err(false));
         assert_eq!(route(&Method::GET, "/v1/pulls/a/b"), Err(false));

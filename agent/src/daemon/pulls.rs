@@ -50,11 +50,12 @@ pub struct Pull {
 
 impl Pull {
     fn new(artifact: &Artifact) -> Arc<Pull> {
+        let observer = Observer::default();
         Arc::new(Pull {
-            id: format!("p-{}", uuid::Uuid::now_v7().simple()),
+            id: observer.id().to_owned(),
             artifact_id: artifact.id.clone(),
             digest: artifact.digest.clone(),
-            observer: Observer::default(),
+            observer,
             ending: watch::Sender::new(None),
             ended_at: Mutex::new(None),
         })
@@ -256,6 +257,7 @@ impl Pulls {
         protected.extend(keep.cloned());
         let evicted = store.collect(low, &protected)?;
         let freed: u64 = evicted.iter().map(|c| c.size).sum();
+        self.stager.metrics().collected(evicted.len(), freed);
         if !evicted.is_empty() {
             info!(
                 blobs = evicted.len(),

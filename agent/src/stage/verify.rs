@@ -105,6 +105,8 @@ impl Stager {
         event.digest = digest;
         event.requested_by = requester;
         let event = event.with_duration(started.elapsed());
+        self.metrics
+            .verify_ended(event.outcome, event.error_code.as_deref());
         if let Err(source) = self.keep(event).await {
             return Err(VerifyError::Stage(StageError::Outbox { source }));
         }
@@ -156,6 +158,7 @@ impl Stager {
     fn quarantine(&self, digest: &Digest) -> bool {
         match self.store.quarantine(digest) {
             Ok(to) => {
+                self.metrics.quarantined();
                 warn!(%digest, to = %to.display(), "staged blob does not match its digest; quarantined");
                 true
             }

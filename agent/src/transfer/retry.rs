@@ -11,6 +11,32 @@ use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 
 use crate::source::SourceError;
 
+/// Why a request is tried again, as the `reason` label of the retries metric shows it: a closed
+/// set, `other` last for whatever a new source's errors do not fit.
+pub const REASONS: [&str; 7] = [
+    "server_error",
+    "throttled",
+    "timeout",
+    "connection",
+    "truncated",
+    "credentials",
+    "other",
+];
+
+/// The reason, one of [`REASONS`], that a retryable `error` is tried again.
+pub fn reason(error: &SourceError) -> &'static str {
+    match error {
+        SourceError::Status { status: 429, .. } => "throttled",
+        SourceError::Status { status: 408, .. } => "timeout",
+        SourceError::Status { .. } => "server_error",
+        SourceError::Transport { source, .. } if source.is_timeout() => "timeout",
+        SourceError::Transport { .. } => "connection",
+        SourceError::Truncated { .. } => "truncated",
+        SourceError::Credentials(_) => "credentials",
+        _ => "other",
+    }
+}
+
 /// The longest `Retry-After` honoured; an origin asking for more gets this.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
@@ -94,6 +120,25 @@ mod tests {
             .next_delay(&status(503, Some(Duration::from_secs(86_400))))
             .unwrap();
         assert!(capped <= MAX_RETRY_AFTER.max(Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn every_reason_is_in_the_closed_set() {
+        let truncated = SourceError::Truncated {
+            uri: Redacted::uri("https://h.example/x"),
+            expected: 2,
+            got: 1,
+        };
+        for error in [
+            status(503, None),
+            status(429, None),
+            status(408, None),
+            truncated,
+        ] {
+            assert!(REASONS.contains(&reason(&error)), "{error}");
+        }
+        assert_eq!(reason(&status(429, None)), "throttled");
+        assert_eq!(reason(&status(502, None)), "server_error");
     }
 
     #[test]

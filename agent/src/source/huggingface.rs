@@ -27,6 +27,7 @@ use futures_util::TryStreamExt;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
 use reqwest::header::{self, HeaderMap};
 use reqwest::{Response, StatusCode};
+use tracing::{debug, warn};
 use url::Url;
 
 use super::http::{
@@ -494,6 +495,7 @@ impl HuggingfaceSource {
         if let Some(current) = self.current().filter(|c| c.location != stale.location) {
             return Ok(current);
         }
+        warn!(commit = %stale.commit, "the signed URL was refused (expired); resolving the commit again");
         let fresh = self.resolve(&stale.commit).await?;
         self.check_commit(&stale.commit, &fresh)?;
         if fresh.validator() != stale.validator() || fresh.size != stale.size {
@@ -536,6 +538,8 @@ impl Source for HuggingfaceSource {
             let revision = self.stat_revision();
             let resolved = self.resolve(&revision).await?;
             self.check_commit(&revision, &resolved)?;
+            let from = Redacted::url(&resolved.location);
+            debug!(%revision, commit = %resolved.commit, %from, "resolved on the Hub");
             let info = ObjectInfo {
                 size: resolved.size,
                 validator: Some(resolved.validator()),
@@ -561,6 +565,8 @@ impl Source for HuggingfaceSource {
                 })?;
             let wanted = range.clone().map(|r| (r.start, r.end - 1));
             let (mut url, mut response) = self.get(&resolved.location, wanted).await?;
+            // Limitation: one renewal per read. A renewed URL that is refused again (it
+            // expired before this range used it) fails the transfer with `source_denied`.
             if expired_signature(&self.endpoint, &url, &response) {
                 let fresh = self.renew(&resolved).await?;
                 (url, response) = self.get(&fresh.location, wanted).await?;

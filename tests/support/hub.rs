@@ -461,6 +461,11 @@ fn parse_resolve(path: &str) -> Option<Resolve> {
     })
 }
 
+fn decode(text: &str) -> String {
+    let decoded = percent_encoding::percent_decode_str(text);
+    decoded.decode_utf8_lossy().into_owned()
+}
+
 fn hub_answer(inner: &mut Inner, cdn_origin: &str, ask: &Ask) -> Reply {
     let Some(resolve) = parse_resolve(&ask.path) else {
         return Reply::new(404).error("EntryNotFound");
@@ -583,29 +588,6 @@ fn range_bounds(spec: &str) -> Option<(u64, u64)> {
         last => last.parse().ok()?,
     };
     (first <= last).then_some((first, last))
-}
-
-/// Undoes percent-encoding.
-fn decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok());
-        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
-            (b'%', Some(byte)) => {
-                out.push(byte);
-                i += 3;
-            }
-            (byte, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// An answer being put together.

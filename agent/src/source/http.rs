@@ -12,11 +12,12 @@
 use std::ops::Range;
 
 use control_client::{Credential, Credentials};
+use futures_util::TryStreamExt;
 use reqwest::header::{self, HeaderMap};
 use reqwest::{RequestBuilder, Response, StatusCode};
 use url::Url;
 
-use super::{SourceError, parse_retry_after};
+use super::{ByteStream, SourceError, parse_retry_after};
 use crate::redact::Redacted;
 
 /// Redirect hops followed before giving up (a loop ends here).
@@ -168,6 +169,18 @@ pub(crate) fn check_range(
         }
         (status, _) => Err(status_error(uri, status, headers)),
     }
+}
+
+/// The answer's body as the transfer engine reads it; `uri` is the URL that answered.
+pub(crate) fn body_stream(response: Response, uri: Redacted) -> ByteStream {
+    let stream = response
+        .bytes_stream()
+        .map_err(move |source| SourceError::Transport {
+            uri: uri.clone(),
+            what: "body read failed",
+            source,
+        });
+    Box::pin(stream)
 }
 
 pub(crate) fn status_error(uri: &Redacted, status: StatusCode, headers: &HeaderMap) -> SourceError {

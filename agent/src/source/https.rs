@@ -16,14 +16,13 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use control_client::{BoxFuture, Credentials, SourceType};
-use futures_util::TryStreamExt;
 use reqwest::header::{self, HeaderMap};
 use reqwest::{RequestBuilder, Response, StatusCode};
 use url::Url;
 
 use super::http::{
-    ContentRange, Exchange, Redirects, changed, check_range, content_length, content_range,
-    protocol, ranged_get, status_error, text,
+    ContentRange, Exchange, Redirects, body_stream, changed, check_range, content_length,
+    content_range, protocol, ranged_get, status_error, text,
 };
 use super::{ByteStream, ObjectInfo, Source, SourceError, Validator};
 use crate::policy::Policy;
@@ -195,14 +194,7 @@ impl Source for HttpsSource {
             let (url, response) = self.get(start, wanted, pinned.validator.as_ref()).await?;
             let uri = Redacted::url(&url);
             check_answer(&response, range, pinned, &uri)?;
-            let stream = response
-                .bytes_stream()
-                .map_err(move |source| SourceError::Transport {
-                    uri: uri.clone(),
-                    what: "body read failed",
-                    source,
-                });
-            Ok(Box::pin(stream) as ByteStream)
+            Ok(body_stream(response, uri))
         })
     }
 }

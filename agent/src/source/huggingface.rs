@@ -23,7 +23,6 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use control_client::{BoxFuture, Credentials, Digest, SourceType};
-use futures_util::TryStreamExt;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
 use reqwest::header::{self, HeaderMap};
 use reqwest::{Response, StatusCode};
@@ -31,8 +30,8 @@ use tracing::{debug, warn};
 use url::Url;
 
 use super::http::{
-    Exchange, Redirects, check_range, content_length, protocol, ranged_get, redirect_target,
-    same_origin, status_error, text,
+    Exchange, Redirects, body_stream, check_range, content_length, protocol, ranged_get,
+    redirect_target, same_origin, status_error, text,
 };
 use super::{ByteStream, ObjectInfo, Source, SourceError, Validator};
 use crate::policy::Policy;
@@ -573,14 +572,7 @@ impl Source for HuggingfaceSource {
             }
             let uri = Redacted::url(&url);
             check_range(&response, range, pinned.size, &uri)?;
-            let stream = response
-                .bytes_stream()
-                .map_err(move |source| SourceError::Transport {
-                    uri: uri.clone(),
-                    what: "body read failed",
-                    source,
-                });
-            Ok(Box::pin(stream) as ByteStream)
+            Ok(body_stream(response, uri))
         })
     }
 

@@ -396,32 +396,58 @@ async fn kill_when_frozen(
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_resume_after_sigkill_asks_for_the_commit_not_the_moved_branch() {
-    let hub = Hub::start().await;
-    let body = pseudo_random(SIZE, 13);
-    let pinned = hub.put(REPO, FILE, body.clone());
-    let mut setup = node(&hub);
+/// A node whose fetch of `body` (committed as `FILE` on `main`) was SIGKILLed with ranges 0-23
+/// on disk and the four connections hanging on 24-27. Returns the pinned commit.
+async fn killed_mid_transfer(hub: &Hub, body: &[u8]) -> (Setup, String) {
+    let pinned = hub.put(REPO, FILE, body.to_vec());
+    let mut setup = node(hub);
     setup.env("BLOBSTAGE_TRANSFER_READ_TIMEOUT", "60s");
-    register(&setup, &hub.uri(REPO, None, FILE), &body, None);
-
-    // Ranges 0-23 are served; the four connections then hang on 24-27.
+    register(&setup, &hub.uri(REPO, None, FILE), body, None);
     hub.stall_cdn_from(Some((24 * CHUNK, 20_000)));
     let child = setup.spawn_fetch(&["t/w@1"]);
-    kill_when_frozen(child, &hub, 28, journal_path(&setup, &body)).await;
+    kill_when_frozen(child, hub, 28, journal_path(&setup, body)).await;
     hub.stall_cdn_from(None);
-    hub.put(REPO, FILE, pseudo_random(SIZE, 14));
-    let first_run = hub.hub_requests().len();
+    (setup, pinned)
+}
 
+/// `fetch --json` to the end: the JSON it printed, after checking the blob is `body`.
+async fn fetch_json(setup: &Setup, body: &[u8]) -> Value {
     let run = setup.fetch_with(&["--json", "t/w@1"]).await;
     assert_eq!(run.code, 0, "{run:#?}");
     let json: Value = serde_json::from_str(run.stdout.trim()).unwrap();
     let path = PathBuf::from(json["path"].as_str().unwrap());
     assert_eq!(fs::read(path).unwrap(), body);
+    json
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_after_sigkill_asks_for_the_commit_not_the_moved_branch() {
+    let hub = Hub::start().await;
+    let body = pseudo_random(SIZE, 13);
+    let (setup, pinned) = killed_mid_transfer(&hub, &body).await;
+    hub.put(REPO, FILE, pseudo_random(SIZE, 14));
+    let first_run = hub.hub_requests().len();
+
+    let json = fetch_json(&setup, &body).await;
     assert!(
         json["bytes_resumed"].as_u64().unwrap() >= 20 * CHUNK,
         "{json}"
     );
     let resumed = heads(&hub.hub_requests()[first_run..]);
     assert_eq!(resumed, [resolve_path(&pinned)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_whose_commit_the_hub_lost_starts_clean_from_the_revision() {
+    let hub = Hub::start().await;
+    let body = pseudo_random(SIZE, 15);
+    let (setup, pinned) = killed_mid_transfer(&hub, &body).await;
+    let squashed = hub.squash(REPO);
+    let first_run = hub.hub_requests().len();
+
+    let json = fetch_json(&setup, &body).await;
+    assert_eq!(json["bytes_resumed"], 0, "{json}");
+    let resumed = heads(&hub.hub_requests()[first_run..]);
+    assert_eq!(resumed, [resolve_path(&pinned), resolve_path("main")]);
+    assert_eq!(hub.head(REPO, "main"), Some(squashed));
 }

@@ -176,6 +176,20 @@ impl Hub {
         self.lock().commit(repo, branch, path, body, lfs)
     }
 
+    /// Rewrites the history of `repo` to one new commit of `main`'s files (a squash): every
+    /// earlier commit, and every other branch, is gone. Returns the new commit.
+    pub fn squash(&self, repo: &str) -> String {
+        let mut inner = self.lock();
+        inner.commits_made += 1;
+        let commit =
+            sha256_hex(format!("{repo} squash {}", inner.commits_made).as_bytes())[..40].to_owned();
+        let repo = inner.repos.get_mut(repo).expect("a repository to squash");
+        let tree = repo.commits[&repo.branches["main"]].clone();
+        repo.commits = HashMap::from([(commit.clone(), tree)]);
+        repo.branches = HashMap::from([("main".to_owned(), commit.clone())]);
+        commit
+    }
+
     /// The commit `branch` of `repo` points at.
     pub fn head(&self, repo: &str, branch: &str) -> Option<String> {
         let inner = self.lock();

@@ -446,15 +446,29 @@ impl HuggingfaceSource {
         }
     }
 
-    /// The revision `stat` resolves: the commit of an interrupted run, unless the registration
-    /// pins another one.
-    fn stat_revision(&self) -> String {
-        let preferred = self.preferred.lock().expect("preferred lock").clone();
-        match (preferred, &self.pinned_commit) {
-            (Some(commit), Some(pinned)) if commit != *pinned => self.revision.clone(),
-            (Some(commit), _) => commit,
-            (None, _) => self.revision.clone(),
+    /// The commit of an interrupted run, unless the registration pins another one.
+    fn preferred_commit(&self) -> Option<String> {
+        let preferred = self.preferred.lock().expect("preferred lock").clone()?;
+        match &self.pinned_commit {
+            Some(pinned) if *pinned != preferred => None,
+            _ => Some(preferred),
         }
+    }
+
+    /// Resolves what `stat` asks for, and says what that was: the commit of an interrupted run
+    /// first, and the revision when there is none, or the Hub no longer has it (its history was
+    /// rewritten): the journal then no longer matches, and the transfer starts clean.
+    async fn resolve_for_stat(&self) -> Result<(String, Resolved), SourceError> {
+        if let Some(commit) = self.preferred_commit() {
+            match self.resolve(&commit).await {
+                Err(SourceError::NotFound { .. }) => {
+                    warn!(%commit, "the Hub no longer has the commit of the interrupted run");
+                }
+                resolved => return Ok((commit, resolved?)),
+            }
+        }
+        let resolved = self.resolve(&self.revision).await?;
+        Ok((self.revision.clone(), resolved))
     }
 
     fn current(&self) -> Option<Resolved> {
@@ -534,8 +548,7 @@ impl Source for HuggingfaceSource {
 
     fn stat(&self) -> BoxFuture<'_, Result<ObjectInfo, SourceError>> {
         Box::pin(async move {
-            let revision = self.stat_revision();
-            let resolved = self.resolve(&revision).await?;
+            let (revision, resolved) = self.resolve_for_stat().await?;
             self.check_commit(&revision, &resolved)?;
             let from = Redacted::url(&resolved.location);
             debug!(%revision, commit = %resolved.commit, %from, "resolved on the Hub");

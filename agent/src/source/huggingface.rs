@@ -199,6 +199,9 @@ fn is_sha256(hex: &str) -> bool {
 /// The revision to resolve and the commit the registration pins, from the URI and the
 /// registration's `source_ref`. A `source_ref` commit is checked against what the URI's
 /// revision resolves to; a `source_ref` branch or tag stands in for a URI that names none.
+///
+/// Limitation: only a full 40-hex `source_ref` pins a commit; a shorter one is taken as a
+/// revision name and resolved like a branch.
 fn revision_of(
     file: &HubFile,
     source_ref: Option<&str>,
@@ -397,6 +400,9 @@ impl HuggingfaceSource {
     }
 
     /// Reads the resolve answer's headers.
+    ///
+    /// Limitation: the Xet headers (`X-Xet-Hash`) are not read; a Xet-backed file comes through
+    /// the Hub's redirect to a signed URL like any LFS file, not by the Xet chunk protocol.
     fn described(&self, url: &Url, response: &Response) -> Result<Resolved, SourceError> {
         let uri = Redacted::url(url);
         let status = response.status();

@@ -202,6 +202,31 @@ async fn a_cdn_host_off_the_allowlist_is_refused_before_any_byte() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_http_endpoint_needs_insecure_http_on_its_allow_entry() {
+    let hub = Hub::start().await;
+    let body = pseudo_random(100_000, 16);
+    hub.put(REPO, FILE, body.clone());
+    let secure_only = hub
+        .node_config(&["acme"], true)
+        .replace("insecure_http = true\n", "");
+    let setup = Setup::with(ConfigOptions {
+        insecure_http: true,
+        extra: secure_only,
+    });
+    register(&setup, &hub.uri(REPO, None, FILE), &body, None);
+
+    let run = setup.fetch("t/w@1").await;
+    assert!(
+        run.error("insecure_source").contains(&hub.endpoint()),
+        "{run:#?}"
+    );
+    assert!(
+        hub.hub_requests().is_empty(),
+        "the hub was asked over plain http"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn organisations_are_allowed_by_name_on_the_uri_and_on_every_redirect() {
     let hub = Hub::start().await;
     let body = pseudo_random(100_000, 7);

@@ -234,7 +234,30 @@ pub struct AzureBlobConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HuggingfaceConfig {
+    /// The Hub, or a mirror of it; the public Hub when unset.
     pub endpoint: Option<String>,
+}
+
+impl HuggingfaceConfig {
+    pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
+
+    /// The endpoint as a URL: http or https, with no credentials, query or fragment. Plain
+    /// http still needs an allow entry with `insecure_http`, like any other URL.
+    pub fn endpoint_url(&self) -> Result<url::Url, String> {
+        let text = self.endpoint.as_deref().unwrap_or(Self::DEFAULT_ENDPOINT);
+        let bad = |why: &str| format!("sources.huggingface.endpoint `{text}` {why}");
+        let url = url::Url::parse(text).map_err(|e| bad(&format!("is not a URL: {e}")))?;
+        if !matches!(url.scheme(), "https" | "http") || url.host_str().is_none() {
+            return Err(bad("must be an http:// or https:// URL with a host"));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(bad("must not carry credentials"));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(bad("must not have a query or fragment"));
+        }
+        Ok(url)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -411,6 +434,9 @@ impl Config {
         if let Some(e) = channels.find_map(|c| control_client::Channel::new(c.as_str()).err()) {
             return invalid(format!("policy.channels: {e}"));
         }
+        if let Err(e) = self.sources.huggingface.endpoint_url() {
+            return invalid(e);
+        }
         self.policy.allow.iter().try_for_each(AllowEntry::validate)
     }
 }
@@ -430,8 +456,31 @@ impl AllowEntry {
                 )));
             }
         }
-        Ok(())
+        self.validate_org()
     }
+
+    /// `org` names Hub organisations: only on `huggingface` entries, and apart from `host`
+    /// (an entry allows the Hub's and its CDN's hosts, or an organisation, not both at once).
+    fn validate_org(&self) -> Result<(), ConfigError> {
+        let invalid = |m: &str| Err(ConfigError::Invalid(format!("policy.allow: {m}")));
+        let hub = self.source_type == control_client::SourceType::Huggingface;
+        match (&self.org, &self.host) {
+            (Some(_), _) if !hub => invalid("org is for source_type = \"huggingface\" only"),
+            (Some(_), Some(_)) => invalid("a huggingface entry sets host or org, not both"),
+            (None, None) if hub => invalid("a huggingface entry sets host or org"),
+            (Some(org), None) if !valid_org(org) => {
+                invalid("org must be a Hub name: letters, digits, '-', '_' or '.'")
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+fn valid_org(org: &str) -> bool {
+    !org.is_empty()
+        && org
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 struct ChunkBounds;
@@ -708,6 +757,8 @@ mod tests {
         assert_eq!(c.control_plane.outbox_max_events, 100_000);
         assert!(c.policy.allow.is_empty());
         assert_eq!(c.log.format, LogFormat::Auto);
+        let hub = c.sources.huggingface.endpoint_url().unwrap();
+        assert_eq!(hub.as_str(), "https://huggingface.co/");
     }
 
     #[test]
@@ -763,6 +814,13 @@ mod tests {
             "[[policy.allow]]\nsource_type = 'ftp'",
             "[policy]\nmin_trust = { prod = 'trusted' }",
             "[log]\nformat = 'xml'",
+            "[[policy.allow]]\nsource_type = 'https'\norg = 'acme'\nhost = 'a.example'",
+            "[[policy.allow]]\nsource_type = 'huggingface'\norg = 'acme'\nhost = 'hf.co'",
+            "[[policy.allow]]\nsource_type = 'huggingface'",
+            "[[policy.allow]]\nsource_type = 'huggingface'\norg = 'a/b'",
+            "[sources.huggingface]\nendpoint = 'ftp://hub.example'",
+            "[sources.huggingface]\nendpoint = 'https://u:p@hub.example'",
+            "[sources.huggingface]\nendpoint = 'hub.example'",
         ] {
             assert!(load(bad, &[]).is_err(), "accepted: {bad}");
         }

@@ -39,6 +39,12 @@ pub enum PolicyError {
     },
     #[error("{url} uses plain http and no allow entry sets insecure_http")]
     InsecureSource { url: Redacted },
+    #[error("{source_type} organisation `{org}` of {url} is not on this node's allowlist")]
+    OrgNotAllowed {
+        source_type: SourceType,
+        org: String,
+        url: Redacted,
+    },
 }
 
 impl PolicyError {
@@ -50,7 +56,9 @@ impl PolicyError {
             PolicyError::Quarantined => "artifact_quarantined",
             PolicyError::TrustTooLow { .. } => "trust_too_low",
             PolicyError::ChannelNotAllowed { .. } => "channel_not_allowed",
-            PolicyError::SourceNotAllowed { .. } => "source_not_allowed",
+            PolicyError::SourceNotAllowed { .. } | PolicyError::OrgNotAllowed { .. } => {
+                "source_not_allowed"
+            }
             PolicyError::InsecureSource { .. } => "insecure_source",
         }
     }
@@ -146,6 +154,30 @@ impl Policy {
             });
         }
         Ok(())
+    }
+
+    /// The gate on the organisation of a Hub repository (`org` entries, compared without
+    /// case, as the Hub compares names), for the URI and for every Hub URL it redirects to.
+    pub fn check_org(
+        &self,
+        source_type: SourceType,
+        org: &str,
+        uri: &str,
+    ) -> Result<(), PolicyError> {
+        let listed = self
+            .rules(source_type)
+            .filter_map(|rule| rule.org.as_deref());
+        if listed
+            .into_iter()
+            .any(|allowed| allowed.eq_ignore_ascii_case(org))
+        {
+            return Ok(());
+        }
+        Err(PolicyError::OrgNotAllowed {
+            source_type,
+            org: org.to_owned(),
+            url: Redacted::uri(uri),
+        })
     }
 
     /// The gate for sources addressed without a host (the local artifact store).
@@ -279,6 +311,31 @@ mod tests {
             &Url::parse("https://cdn.models.example/w").unwrap(),
         );
         assert_eq!(s3.unwrap_err().code(), "source_not_allowed");
+    }
+
+    #[test]
+    fn hub_organisations_are_listed_apart_from_hosts() {
+        let p = policy(
+            "[[policy.allow]]\nsource_type = 'huggingface'\norg = 'Acme'\n\
+             [[policy.allow]]\nsource_type = 'huggingface'\nhost = 'huggingface.co'\n\
+             [[policy.allow]]\nsource_type = 'https'\nhost = 'cdn.example'\n",
+        );
+        let hf = SourceType::Huggingface;
+        assert_eq!(p.check_org(hf, "acme", "hf://acme/m/f"), Ok(()));
+        let other = p.check_org(hf, "evil", "hf://evil/m/f").unwrap_err();
+        assert_eq!(other.code(), "source_not_allowed");
+        assert!(other.to_string().contains("`evil`"), "{other}");
+        let url = |u: &str| Url::parse(u).unwrap();
+        assert_eq!(
+            p.check_url(hf, &url("https://huggingface.co/acme/m")),
+            Ok(())
+        );
+        let cdn = p.check_url(hf, &url("https://cdn.example/x")).unwrap_err();
+        assert_eq!(cdn.code(), "source_not_allowed");
+        let https = p
+            .check_org(SourceType::Https, "acme", "https://x/y")
+            .unwrap_err();
+        assert_eq!(https.code(), "source_not_allowed");
     }
 
     #[test]

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use control_client::{BoxFuture, ControlPlaneError, Credentials, SourceDescriptor, SourceType};
+use control_client::{
+    BoxFuture, ControlPlaneError, Credentials, Digest, SourceDescriptor, SourceType,
+};
 use futures_util::stream::BoxStream;
 
 use crate::config::Config;
@@ -20,7 +22,9 @@ use crate::policy::{Policy, PolicyError};
 use crate::redact::Redacted;
 
 pub mod artifact_store;
+pub mod http;
 pub mod https;
+pub mod huggingface;
 
 /// A stream of an object's bytes, in order.
 pub type ByteStream = BoxStream<'static, Result<Bytes, SourceError>>;
@@ -70,6 +74,17 @@ pub trait Source: Send + Sync + fmt::Debug {
         range: Option<Range<u64>>,
         pinned: &'a ObjectInfo,
     ) -> BoxFuture<'a, Result<ByteStream, SourceError>>;
+
+    /// Before `stat`: the version an interrupted run of this transfer was pinned to (from its
+    /// resume journal). A source whose URI names a version that moves (a Hub branch) stats
+    /// that version instead, so the resume goes on with the same bytes; others ignore it.
+    fn prefer_version(&self, _earlier: &Validator) {}
+
+    /// After `stat`: a digest of the whole object that the source vouches for (the Hub's LFS
+    /// sha256), so that a registration it contradicts fails before any byte is fetched.
+    fn announced_digest(&self) -> Option<Digest> {
+        None
+    }
 }
 
 /// Why a source could not deliver.
@@ -90,6 +105,18 @@ pub enum SourceError {
     NotFound { uri: Redacted },
     #[error("{uri} was refused with status {status}")]
     Denied { uri: Redacted, status: u16 },
+    #[error("{uri} was refused with status {status}: {reason}")]
+    Unauthorized {
+        uri: Redacted,
+        status: u16,
+        reason: &'static str,
+    },
+    #[error("{uri} resolves to commit {resolved}, but the registration pins {registered}")]
+    RefMismatch {
+        uri: Redacted,
+        registered: String,
+        resolved: String,
+    },
     #[error("{uri} changed during the transfer: {reason}")]
     Changed { uri: Redacted, reason: String },
     #[error("{uri} ignored the Range header and sent the whole object")]
@@ -160,7 +187,8 @@ impl SourceError {
             SourceError::WrongCredential { .. } => "wrong_credential_kind",
             SourceError::Unsupported(_) => "unsupported_source",
             SourceError::NotFound { .. } => "source_not_found",
-            SourceError::Denied { .. } => "source_denied",
+            SourceError::Denied { .. } | SourceError::Unauthorized { .. } => "source_denied",
+            SourceError::RefMismatch { .. } => "source_ref_mismatch",
             SourceError::Changed { .. } => "source_changed",
             SourceError::TooManyRedirects { .. } => "too_many_redirects",
             SourceError::RangeIgnored { .. }
@@ -197,8 +225,27 @@ pub fn open(
                 &descriptor.uri,
             )?))
         }
-        // Limitation: s3, gcs, azure_blob and huggingface sources are not built yet; their
-        // registrations are refused with `unsupported_source`.
+        SourceType::Huggingface => {
+            let endpoint = config
+                .sources
+                .huggingface
+                .endpoint_url()
+                .map_err(|reason| SourceError::InvalidUri {
+                    uri: Redacted::uri(&descriptor.uri),
+                    reason,
+                })?;
+            let source = huggingface::HuggingfaceSource::new(
+                &descriptor.uri,
+                descriptor.source_ref.as_deref(),
+                endpoint,
+                credentials,
+                policy,
+                http.clone(),
+            )?;
+            Ok(Arc::new(source))
+        }
+        // Limitation: s3, gcs and azure_blob sources are not built yet; their registrations
+        // are refused with `unsupported_source`.
         other => Err(SourceError::Unsupported(other)),
     }
 }

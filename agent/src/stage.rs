@@ -64,6 +64,11 @@ pub enum StageError {
     Source(#[from] SourceError),
     #[error("the source holds {actual} bytes but {registered} are registered")]
     SizeMismatch { registered: u64, actual: u64 },
+    #[error("the source announces digest {announced}, but {registered} is registered")]
+    SourceDigestMismatch {
+        registered: Digest,
+        announced: Digest,
+    },
     #[error("transfer failed")]
     Transfer(#[from] TransferError),
     #[error("the pinned digest {pinned} is not the registered {registered}")]
@@ -94,6 +99,7 @@ impl StageError {
             StageError::Refused { source, .. } => source.code(),
             StageError::Source(e) => e.code(),
             StageError::SizeMismatch { .. } => "size_mismatch",
+            StageError::SourceDigestMismatch { .. } => "source_digest_mismatch",
             StageError::Transfer(e) => e.code(),
             StageError::DigestMismatch { .. } => "digest_mismatch",
             StageError::PinMismatch { .. } => "digest_pin_mismatch",
@@ -452,7 +458,8 @@ impl Stager {
     }
 
     /// Credentials, the source (its URI checked against policy), and the first request, which
-    /// learns the size and the validator; a size other than the registered one stops here.
+    /// learns the size and the validator; a size or a digest the source announces other than
+    /// the registered ones stops here.
     async fn open_source(
         &self,
         artifact: &Artifact,
@@ -476,6 +483,11 @@ impl Stager {
             },
             other => StageError::Source(other),
         })?;
+        // A source whose URI names a moving version resumes the one its journal recorded.
+        let journal = Journal::read(&self.store.journal_path(&artifact.digest));
+        if let Some(earlier) = journal.ok().flatten().and_then(|j| j.validator) {
+            source.prefer_version(&earlier);
+        }
         // The first request counts against the connection budget like every range request.
         let permit = self.connections.acquire().await.expect("never closed");
         let metrics = self.metrics.transfer(artifact.source.source_type);
@@ -488,6 +500,16 @@ impl Stager {
             return Err(StageError::SizeMismatch {
                 registered,
                 actual: info.size,
+            });
+        }
+        let registered = &artifact.digest;
+        let announced = source.announced_digest();
+        if let Some(announced) = announced.filter(|a| a.algorithm() == registered.algorithm())
+            && announced != *registered
+        {
+            return Err(StageError::SourceDigestMismatch {
+                registered: registered.clone(),
+                announced,
             });
         }
         Ok((source, info))

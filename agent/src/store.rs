@@ -183,9 +183,7 @@ impl Store {
     /// Takes ownership of the ingest of `digest`, waiting while another process holds it.
     /// Blocking: call from a blocking thread.
     pub fn lock_ingest(&self, digest: &Digest) -> Result<Ingest, StoreError> {
-        let path = self
-            .ingest_dir()
-            .join(format!("{}-{}", digest.algorithm(), digest.hex()));
+        let path = self.ingest_path(digest);
         let lock_path = path.with_extension("lock");
         let lock = lock_file(&lock_path)?;
         Ok(Ingest {
@@ -197,6 +195,16 @@ impl Store {
             blob: self.blob_path(digest),
             finished: false,
         })
+    }
+
+    /// Where the resume journal of `digest`'s ingest is, for a look before its lock is held.
+    pub fn journal_path(&self, digest: &Digest) -> PathBuf {
+        journal::path_for(&self.ingest_path(digest))
+    }
+
+    fn ingest_path(&self, digest: &Digest) -> PathBuf {
+        self.ingest_dir()
+            .join(format!("{}-{}", digest.algorithm(), digest.hex()))
     }
 
     /// Bytes the ingest area takes on disk (allocated blocks: ingest files are sparse until

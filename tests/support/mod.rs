@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod daemon;
 pub mod front;
+pub mod hub;
 pub mod origin;
 pub mod plane;
 pub mod servers;

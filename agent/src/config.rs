@@ -214,20 +214,27 @@ pub struct HttpsConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct S3Config {
+    /// An S3-compatible store; `https://s3.<region>.amazonaws.com` when unset. Requests are
+    /// path-style (`<endpoint>/<bucket>/<key>`).
     pub endpoint: Option<String>,
+    /// The region requests are signed for; `us-east-1` when unset.
     pub region: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GcsConfig {
+    /// `https://storage.googleapis.com` when unset.
     pub endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AzureBlobConfig {
+    /// The storage account of `az://container/blob` URIs.
     pub account: Option<String>,
+    /// The account's blob endpoint for `az://` URIs; `https://<account>.blob.core.windows.net`
+    /// when unset.
     pub endpoint: Option<String>,
 }
 
@@ -289,10 +296,15 @@ pub struct AllowEntry {
     pub source_type: control_client::SourceType,
     /// Exact host, or `*.example.com` for any subdomain of example.com.
     pub host: Option<String>,
+    /// The bucket of `s3` and `gcs` entries (exact name).
     pub bucket: Option<String>,
+    /// The container of `azure_blob` entries; unset allows every container of `account`.
     pub container: Option<String>,
+    /// The storage account of `azure_blob` entries; unset allows `container` in any account.
+    pub account: Option<String>,
     pub org: Option<String>,
-    /// Allows plain `http://` for URIs this entry matches (loopback tests and labs only).
+    /// Allows plain `http://` for URIs this entry matches (loopback tests and labs only); for
+    /// the bucket-addressed types, a plain-http `endpoint` of their `[sources]` section.
     #[serde(default)]
     pub insecure_http: bool,
 }
@@ -437,12 +449,43 @@ impl Config {
         if let Err(e) = self.sources.huggingface.endpoint_url() {
             return invalid(e);
         }
+        self.sources.validate_endpoints()?;
         self.policy.allow.iter().try_for_each(AllowEntry::validate)
+    }
+}
+
+impl SourcesConfig {
+    /// Every configured object-store endpoint is an http(s) URL without userinfo, query or
+    /// fragment (whether plain http is allowed is the policy's to say).
+    fn validate_endpoints(&self) -> Result<(), ConfigError> {
+        let endpoints = [
+            ("sources.s3.endpoint", &self.s3.endpoint),
+            ("sources.gcs.endpoint", &self.gcs.endpoint),
+            ("sources.azure_blob.endpoint", &self.azure_blob.endpoint),
+        ];
+        for (key, endpoint) in endpoints {
+            let Some(endpoint) = endpoint else { continue };
+            let valid = url::Url::parse(endpoint).is_ok_and(|u| {
+                matches!(u.scheme(), "http" | "https")
+                    && u.host_str().is_some()
+                    && u.username().is_empty()
+                    && u.password().is_none()
+                    && u.query().is_none()
+                    && u.fragment().is_none()
+            });
+            if !valid {
+                return Err(ConfigError::Invalid(format!(
+                    "{key} `{endpoint}` must be an http(s) URL without credentials or query"
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
 impl AllowEntry {
     fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_fields()?;
         if let Some(host) = &self.host {
             let pattern = host.strip_prefix("*.").unwrap_or(host);
             let valid = !pattern.is_empty()
@@ -481,6 +524,40 @@ fn valid_org(org: &str) -> bool {
         && org
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+impl AllowEntry {
+    /// The bucket-addressed types name what they allow by bucket (or account and container),
+    /// never by host: their host is the configured endpoint.
+    fn validate_fields(&self) -> Result<(), ConfigError> {
+        use control_client::SourceType::{AzureBlob, Gcs, S3};
+        let t = self.source_type;
+        let set = |field: &Option<String>| field.is_some();
+        let (valid, needs) = match t {
+            S3 | Gcs => (
+                set(&self.bucket)
+                    && !set(&self.host)
+                    && !set(&self.container)
+                    && !set(&self.account)
+                    && !set(&self.org),
+                "a bucket (and no host, container, account or org)",
+            ),
+            AzureBlob => (
+                (set(&self.container) || set(&self.account))
+                    && !set(&self.host)
+                    && !set(&self.bucket)
+                    && !set(&self.org),
+                "a container, an account or both (and no host, bucket or org)",
+            ),
+            _ => (true, ""),
+        };
+        if !valid {
+            return Err(ConfigError::Invalid(format!(
+                "policy.allow entries of source_type {t} take {needs}"
+            )));
+        }
+        Ok(())
+    }
 }
 
 struct ChunkBounds;
@@ -789,6 +866,37 @@ mod tests {
     }
 
     #[test]
+    fn object_store_sections_come_from_the_file_or_the_environment() {
+        let c = load(
+            "[sources.s3]\nendpoint = 'http://127.0.0.1:1'\n\
+             [[policy.allow]]\nsource_type = 's3'\nbucket = 'models'\ninsecure_http = true\n\
+             [[policy.allow]]\nsource_type = 'gcs'\nbucket = 'models'\n\
+             [[policy.allow]]\nsource_type = 'azure_blob'\naccount = 'acct'\n\
+             [[policy.allow]]\nsource_type = 'azure_blob'\ncontainer = 'c'\n",
+            &[
+                ("BLOBSTAGE_SOURCES_S3_ENDPOINT", "http://127.0.0.1:2"),
+                ("BLOBSTAGE_SOURCES_S3_REGION", "eu-west-1"),
+                ("BLOBSTAGE_SOURCES_GCS_ENDPOINT", "http://127.0.0.1:3"),
+                (
+                    "BLOBSTAGE_SOURCES_AZURE_BLOB_ENDPOINT",
+                    "http://127.0.0.1:4/acct",
+                ),
+            ],
+        )
+        .unwrap();
+        let s = &c.sources;
+        assert_eq!(s.s3.endpoint.as_deref(), Some("http://127.0.0.1:2"));
+        assert_eq!(s.s3.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(s.gcs.endpoint.as_deref(), Some("http://127.0.0.1:3"));
+        assert_eq!(
+            s.azure_blob.endpoint.as_deref(),
+            Some("http://127.0.0.1:4/acct")
+        );
+        assert_eq!(c.policy.allow.len(), 4);
+        assert!(load("", &[("BLOBSTAGE_SOURCES_S3_BUCKET", "b")]).is_err());
+    }
+
+    #[test]
     fn unknown_keys_are_errors_wherever_they_come_from() {
         assert!(matches!(
             load("chunk_size = 1", &[]),
@@ -821,6 +929,16 @@ mod tests {
             "[sources.huggingface]\nendpoint = 'ftp://hub.example'",
             "[sources.huggingface]\nendpoint = 'https://u:p@hub.example'",
             "[sources.huggingface]\nendpoint = 'hub.example'",
+            "[[policy.allow]]\nsource_type = 's3'",
+            "[[policy.allow]]\nsource_type = 's3'\nbucket = 'b'\nhost = 'h.example'",
+            "[[policy.allow]]\nsource_type = 'gcs'\ncontainer = 'c'",
+            "[[policy.allow]]\nsource_type = 'azure_blob'\nbucket = 'b'",
+            "[[policy.allow]]\nsource_type = 'azure_blob'",
+            "[sources.s3]\nendpoint = 'ftp://127.0.0.1'",
+            "[sources.gcs]\nendpoint = 'not a url'",
+            "[sources.azure_blob]\nendpoint = 'https://u:p@acct.blob.example'",
+            "[sources.s3]\nendpoint = 'https://s3.example/?sig=x'",
+            "[sources.s3]\nbucket = 'b'",
         ] {
             assert!(load(bad, &[]).is_err(), "accepted: {bad}");
         }

@@ -4,7 +4,9 @@
 //! the control plane's allowlist decision, lifecycle, trust and channel. [`Policy::check_url`]
 //! runs on every URL the node is about to contact, redirect targets included: scheme, host
 //! against the node's own allowlist, and plain `http://` only where an entry allows it. The
-//! allowlist fails closed: no entry, no source.
+//! allowlist fails closed: no entry, no source. The bucket-addressed types (`s3`, `gcs`,
+//! `azure_blob`) are checked by [`Policy::check_bucket`] instead, before their first request:
+//! they only ever contact the endpoint their configuration names.
 
 use control_client::{Artifact, LifecycleState, PolicyDecision, SourceType, TrustState};
 use url::Url;
@@ -180,6 +182,39 @@ impl Policy {
         })
     }
 
+    /// The gate on an object of a bucket-addressed source: an entry of `source_type` must
+    /// name its bucket (or its account and container), and a plain-http `endpoint` needs
+    /// `insecure_http` on a matching entry. `shown` is the object's URI, for the error.
+    pub fn check_bucket(
+        &self,
+        source_type: SourceType,
+        bucket: &Bucket<'_>,
+        endpoint: &Url,
+        shown: &Redacted,
+    ) -> Result<(), PolicyError> {
+        let mut matching = self
+            .rules(source_type)
+            .filter(|rule| bucket.matches(rule))
+            .peekable();
+        if matching.peek().is_none() {
+            return Err(PolicyError::SourceNotAllowed {
+                source_type,
+                url: shown.clone(),
+            });
+        }
+        match endpoint.scheme() {
+            "https" => Ok(()),
+            "http" if matching.any(|rule| rule.insecure_http) => Ok(()),
+            "http" => Err(PolicyError::InsecureSource {
+                url: Redacted::url(endpoint),
+            }),
+            _ => Err(PolicyError::SourceNotAllowed {
+                source_type,
+                url: Redacted::url(endpoint),
+            }),
+        }
+    }
+
     /// The gate for sources addressed without a host (the local artifact store).
     pub fn check_source_type(&self, source_type: SourceType, uri: &str) -> Result<(), PolicyError> {
         if self.rules(source_type).next().is_none() {
@@ -196,6 +231,31 @@ impl Policy {
             .allow
             .iter()
             .filter(move |rule| rule.source_type == source_type)
+    }
+}
+
+/// Where an object of a bucket-addressed source lives: a bucket (`s3`, `gcs`), or a container
+/// of a storage account (`azure_blob`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bucket<'a> {
+    pub account: Option<&'a str>,
+    pub name: &'a str,
+}
+
+impl Bucket<'_> {
+    /// An entry matches when every one of its fields that applies is set and equal: `bucket`
+    /// for a bucket; `account` and `container` for a container, where an unset one matches any.
+    fn matches(&self, rule: &AllowEntry) -> bool {
+        match self.account {
+            None => rule.bucket.as_deref() == Some(self.name),
+            Some(account) => {
+                let fits =
+                    |field: &Option<String>, value| field.as_deref().is_none_or(|f| f == value);
+                (rule.account.is_some() || rule.container.is_some())
+                    && fits(&rule.account, account)
+                    && fits(&rule.container, self.name)
+            }
+        }
     }
 }
 
@@ -336,6 +396,55 @@ mod tests {
             .check_org(SourceType::Https, "acme", "https://x/y")
             .unwrap_err();
         assert_eq!(https.code(), "source_not_allowed");
+    }
+
+    #[test]
+    fn bucket_gates() {
+        let p = policy(
+            "[[policy.allow]]\nsource_type = 's3'\nbucket = 'models'\n\
+             [[policy.allow]]\nsource_type = 's3'\nbucket = 'lab'\ninsecure_http = true\n\
+             [[policy.allow]]\nsource_type = 'azure_blob'\naccount = 'acct'\ncontainer = 'w'\n\
+             [[policy.allow]]\nsource_type = 'azure_blob'\naccount = 'open'\n",
+        );
+        let https = Url::parse("https://s3.example").unwrap();
+        let http = Url::parse("http://127.0.0.1:9000").unwrap();
+        let shown = Redacted::uri("s3://x/y");
+        let check = |t, account, name, endpoint: &Url| {
+            let bucket = Bucket { account, name };
+            p.check_bucket(t, &bucket, endpoint, &shown)
+                .map(|_| "ok")
+                .unwrap_or_else(|e| e.code())
+        };
+        assert_eq!(check(SourceType::S3, None, "models", &https), "ok");
+        assert_eq!(
+            check(SourceType::S3, None, "models", &http),
+            "insecure_source"
+        );
+        assert_eq!(check(SourceType::S3, None, "lab", &http), "ok");
+        assert_eq!(
+            check(SourceType::S3, None, "other", &https),
+            "source_not_allowed"
+        );
+        assert_eq!(
+            check(SourceType::Gcs, None, "models", &https),
+            "source_not_allowed"
+        );
+        let ftp = Url::parse("ftp://s3.example").unwrap();
+        assert_eq!(
+            check(SourceType::S3, None, "models", &ftp),
+            "source_not_allowed"
+        );
+        let azure = SourceType::AzureBlob;
+        assert_eq!(check(azure, Some("acct"), "w", &https), "ok");
+        assert_eq!(
+            check(azure, Some("acct"), "x", &https),
+            "source_not_allowed"
+        );
+        assert_eq!(
+            check(azure, Some("other"), "w", &https),
+            "source_not_allowed"
+        );
+        assert_eq!(check(azure, Some("open"), "any", &https), "ok");
     }
 
     #[test]

@@ -22,6 +22,7 @@ use crate::policy::{Policy, PolicyError};
 use crate::redact::Redacted;
 
 pub mod artifact_store;
+pub mod cloud;
 pub mod http;
 pub mod https;
 pub mod huggingface;
@@ -136,6 +137,14 @@ pub enum SourceError {
         #[source]
         source: reqwest::Error,
     },
+    #[error("{uri}: {what}")]
+    Cloud {
+        uri: Redacted,
+        what: &'static str,
+        /// Boxed: object_store's error is large, and every `Result` of a transfer carries this.
+        #[source]
+        source: Box<::object_store::Error>,
+    },
     #[error("{uri} ended the body after {got} of {expected} bytes")]
     Truncated {
         uri: Redacted,
@@ -165,7 +174,7 @@ impl SourceError {
             SourceError::Transport { source, .. } => {
                 !crate::errors::has_io_kind(source, std::io::ErrorKind::InvalidData)
             }
-            SourceError::Truncated { .. } => true,
+            SourceError::Truncated { .. } | SourceError::Cloud { .. } => true,
             SourceError::Credentials(e) => e.code() == "control_plane_unavailable",
             _ => false,
         }
@@ -197,6 +206,7 @@ impl SourceError {
             SourceError::Status { .. }
             | SourceError::Transport { .. }
             | SourceError::Truncated { .. }
+            | SourceError::Cloud { .. }
             | SourceError::Io { .. } => "source_unavailable",
         }
     }
@@ -225,6 +235,13 @@ pub fn open(
                 &descriptor.uri,
             )?))
         }
+        SourceType::S3 => cloud::open::<cloud::S3>(descriptor, credentials, config, &policy, http),
+        SourceType::Gcs => {
+            cloud::open::<cloud::Gcs>(descriptor, credentials, config, &policy, http)
+        }
+        SourceType::AzureBlob => {
+            cloud::open::<cloud::Azure>(descriptor, credentials, config, &policy, http)
+        }
         SourceType::Huggingface => {
             let endpoint = config
                 .sources
@@ -244,9 +261,6 @@ pub fn open(
             )?;
             Ok(Arc::new(source))
         }
-        // Limitation: s3, gcs and azure_blob sources are not built yet; their registrations
-        // are refused with `unsupported_source`.
-        other => Err(SourceError::Unsupported(other)),
     }
 }
 

@@ -5,33 +5,12 @@
 
 mod support;
 
-use std::path::Path;
-
 use serde_json::json;
-use support::agent::{Setup, artifact, pseudo_random};
+use support::agent::{Setup, artifact, files_containing, pseudo_random};
 use support::origin::{Fault, Origin};
 
 const SOURCE_SECRET: &str = "SENTINEL-source-4c1d";
 const NODE_SECRET: &str = "SENTINEL-node-9e7b";
-
-/// Every file under `dir`, read as bytes (the blob included: it must not hold a token either).
-fn files_containing(dir: &Path, needle: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            found.extend(files_containing(&path, needle));
-        } else if std::fs::read(&path)
-            .is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle.as_bytes()))
-        {
-            found.push(path.display().to_string());
-        }
-    }
-    found
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinel_tokens_appear_in_no_log_error_event_or_file() {

@@ -7,6 +7,10 @@
 //! sends in parallel are visibly in flight together (the origin answers a 64 KiB range in
 //! well under a millisecond, too fast for its own concurrency count to be reliable).
 //!
+//! A [`Judge`] may answer any request itself instead (a gate that refuses what the upstream
+//! server cannot: an expired session token, say), and `upstream_host` rewrites the `Host`
+//! header to the upstream address, for servers that route by it (fake-gcs-server).
+//!
 //! Every request head is logged with its arrival time. A relayed request goes upstream with
 //! `Connection: close`; its whole answer is read, then passed on, and the client connection
 //! ends with it. A refused one keeps its connection open. So every request reaches the front
@@ -32,6 +36,23 @@ pub struct FrontOptions {
     pub retry_after: Option<String>,
     /// How long to hold each relayed request before passing it on.
     pub delay: Duration,
+    /// Answers a request head itself when it returns a whole HTTP response.
+    pub judge: Option<Judge>,
+    /// Whether relayed requests carry `Host: <upstream address>` instead of their own.
+    pub upstream_host: bool,
+}
+
+/// Given a request head, the whole response to answer it with, or `None` to relay it.
+pub type Verdict = dyn Fn(&str) -> Option<String> + Send + Sync;
+
+/// See [`FrontOptions::judge`].
+#[derive(Clone)]
+pub struct Judge(pub Arc<Verdict>);
+
+impl std::fmt::Debug for Judge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Judge")
+    }
 }
 
 /// One request head the front inspected.
@@ -40,7 +61,8 @@ pub struct Seen {
     pub at: Instant,
     pub method: String,
     pub range: Option<String>,
-    /// Whether the front answered it with 503 (otherwise it was relayed).
+    /// Whether the front answered it with 503 or its judge answered it (otherwise it was
+    /// relayed).
     pub refused: bool,
 }
 
@@ -55,6 +77,8 @@ struct Shared {
     upstream: SocketAddr,
     delay: Duration,
     retry_after: Option<String>,
+    judge: Option<Judge>,
+    upstream_host: bool,
     state: Mutex<State>,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
@@ -74,6 +98,8 @@ impl Front {
             upstream,
             delay: options.delay,
             retry_after: options.retry_after,
+            judge: options.judge,
+            upstream_host: options.upstream_host,
             state: Mutex::new(State {
                 refusals: options.refusals,
                 seen: Vec::new(),
@@ -125,7 +151,8 @@ impl Shared {
         let range = header(&text, "range");
         let mut state = self.lock();
         let ranged = method == "GET" && range.as_deref().is_some_and(|r| r != "bytes=0-0");
-        let refused = ranged && state.refusals > 0;
+        let judged = self.judge.as_ref().and_then(|judge| (judge.0)(&text));
+        let refused = judged.is_none() && ranged && state.refusals > 0;
         if refused {
             state.refusals -= 1;
         }
@@ -134,9 +161,9 @@ impl Shared {
             at,
             method,
             range,
-            refused,
+            refused: refused || judged.is_some(),
         });
-        refused.then(|| self.refusal())
+        judged.or_else(|| refused.then(|| self.refusal()))
     }
 
     fn refusal(&self) -> String {
@@ -185,7 +212,8 @@ async fn serve(mut client: TcpStream, shared: Arc<Shared>) -> io::Result<()> {
         let flight = Flight::enter(&shared);
         tokio::time::sleep(shared.delay).await;
         let mut origin = TcpStream::connect(shared.upstream).await?;
-        origin.write_all(&closing(&head)).await?;
+        let host = shared.upstream_host.then(|| shared.upstream.to_string());
+        origin.write_all(&closing(&head, host.as_deref())).await?;
         origin.write_all(&pending).await?;
         let mut answer = Vec::new();
         origin.read_to_end(&mut answer).await?;
@@ -197,12 +225,20 @@ async fn serve(mut client: TcpStream, shared: Arc<Shared>) -> io::Result<()> {
     }
 }
 
-/// `head` with any `Connection` header replaced by `Connection: close`.
-fn closing(head: &[u8]) -> Vec<u8> {
+/// `head` with any `Connection` header replaced by `Connection: close`, and its `Host` by
+/// `host` when given.
+fn closing(head: &[u8], host: Option<&str>) -> Vec<u8> {
     let text = String::from_utf8_lossy(head);
     let lines = text.split("\r\n").filter(|l| !l.is_empty());
-    let kept = lines.filter(|l| !l.to_ascii_lowercase().starts_with("connection:"));
+    let replaced = |l: &&str| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("connection:") || host.is_some() && l.starts_with("host:")
+    };
+    let kept = lines.filter(|l| !replaced(l));
     let mut out: String = kept.map(|l| format!("{l}\r\n")).collect();
+    if let Some(host) = host {
+        out.push_str(&format!("Host: {host}\r\n"));
+    }
     out.push_str("Connection: close\r\n\r\n");
     out.into_bytes()
 }

@@ -103,6 +103,8 @@ struct Inner {
     pending: Vec<(usize, Vec<Change>)>,
     /// Ranged CDN GETs starting at or past `.0` send `.1` bytes, then nothing.
     stall_from: Option<(u64, u64)>,
+    /// Where signed URLs point instead of the CDN itself (a relay in front of it).
+    cdn_relay: Option<String>,
     hub_log: Vec<Logged>,
     cdn_log: Vec<Logged>,
 }
@@ -220,6 +222,12 @@ impl Hub {
         let repo = inner.repos.remove(from).expect("a repository to rename");
         inner.repos.insert(to.to_owned(), repo);
         inner.renames.insert(from.to_owned(), to.to_owned());
+    }
+
+    /// Signed URLs issued from now on point at `http://localhost:{port}`, a relay to the CDN
+    /// ([`super::front::Front`]), so that the relay sees every ranged GET.
+    pub fn route_cdn_through(&self, port: u16) {
+        self.lock().cdn_relay = Some(format!("http://localhost:{port}"));
     }
 
     /// How long signed URLs issued from now on stay valid (an hour unless set).
@@ -515,7 +523,8 @@ fn hub_answer(inner: &mut Inner, cdn_origin: &str, ask: &Ask) -> Reply {
     };
     let reply = match file.lfs {
         true => {
-            let location = inner.sign(cdn_origin, &file.sha256);
+            let origin = inner.cdn_relay.clone();
+            let location = inner.sign(origin.as_deref().unwrap_or(cdn_origin), &file.sha256);
             let etag = format!("\"{}\"", file.sha256);
             Reply::new(302)
                 .with(header::LOCATION, location)

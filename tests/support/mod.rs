@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod cloud;
 pub mod daemon;
 pub mod front;
 pub mod hub;

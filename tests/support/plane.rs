@@ -42,12 +42,19 @@ pub enum Mode {
     Garbage,
 }
 
+/// Makes the credential of the `n`th issue (from 0) that expires at the given time.
+pub type Issuer = Arc<dyn Fn(usize, SystemTime) -> Value + Send + Sync>;
+
 /// What the control plane issues for one artifact.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 struct Issue {
     /// The credential object; `expires_at` is added when `lifetime` is set.
     template: Value,
     lifetime: Option<Duration>,
+    /// Makes the credential instead of `template`, when set.
+    issuer: Option<Issuer>,
+    /// Answers this status (and no credential) instead, when set.
+    refusal: Option<u16>,
 }
 
 #[derive(Default)]
@@ -136,12 +143,53 @@ impl Plane {
         state.credentials.entry(id).or_insert(Issue {
             template: json!({"kind": "none"}),
             lifetime: None,
+            issuer: None,
+            refusal: None,
         });
     }
 
     /// Issues `template` for `id`, with `expires_at` set `lifetime` after each issue.
     pub fn issue(&self, id: &str, template: Value, lifetime: Option<Duration>) {
-        let issue = Issue { template, lifetime };
+        self.set_issue(
+            id,
+            Issue {
+                template,
+                lifetime,
+                issuer: None,
+                refusal: None,
+            },
+        );
+    }
+
+    /// Issues what `issuer` makes for `id` (a credential that changes with every issue), with
+    /// `expires_at` set `lifetime` after each issue.
+    pub fn issue_with(&self, id: &str, lifetime: Duration, issuer: Issuer) {
+        self.set_issue(
+            id,
+            Issue {
+                template: Value::Null,
+                lifetime: Some(lifetime),
+                issuer: Some(issuer),
+                refusal: None,
+            },
+        );
+    }
+
+    /// Answers every credentials call for `id` with `status` (403: the control plane will not
+    /// issue credentials for it to this node).
+    pub fn refuse_credentials(&self, id: &str, status: u16) {
+        self.set_issue(
+            id,
+            Issue {
+                template: Value::Null,
+                lifetime: None,
+                issuer: None,
+                refusal: Some(status),
+            },
+        );
+    }
+
+    fn set_issue(&self, id: &str, issue: Issue) {
         self.state
             .lock()
             .unwrap()
@@ -225,15 +273,21 @@ impl Plane {
         let Some(issue) = issue else {
             return (404, json!({"error": "not registered"}));
         };
-        *self
-            .issued
-            .lock()
-            .unwrap()
-            .entry(id.to_owned())
-            .or_default() += 1;
-        let mut credential = issue.template;
-        if let Some(lifetime) = issue.lifetime {
-            let expires = SystemTime::now() + lifetime;
+        if let Some(status) = issue.refusal {
+            return (status, json!({"error": "no credentials for this node"}));
+        }
+        let n = {
+            let mut issued = self.issued.lock().unwrap();
+            let count = issued.entry(id.to_owned()).or_default();
+            *count += 1;
+            *count - 1
+        };
+        let expires = SystemTime::now() + issue.lifetime.unwrap_or_default();
+        let mut credential = match &issue.issuer {
+            Some(issuer) => issuer(n, expires),
+            None => issue.template,
+        };
+        if issue.lifetime.is_some() {
             credential["expires_at"] = json!(humantime::format_rfc3339_millis(expires).to_string());
         }
         (200, credential)

@@ -8,7 +8,8 @@
 //! control plane issues carry their expiry. Transfers are slowed by relays that hold every
 //! request, so that they outlive the credentials they start with. Also here: a control plane
 //! that refuses to issue credentials, a credential of the wrong kind, public objects read
-//! unsigned with `{"kind": "none"}`, and a sentinel test that no secret leaves the agent.
+//! unsigned with `{"kind": "none"}`, and sentinel tests that no secret leaves the agent, `fetch` or
+//! the daemon (its log, `/metrics`, API answers, events and files).
 
 mod support;
 
@@ -21,6 +22,7 @@ use support::agent::{CHUNK, Setup, files_containing, pseudo_random};
 use support::cloud::{
     Azurite, BUCKET, Backend, S3s, account_sas, key, node, node_with, registration,
 };
+use support::daemon::{Node, tcp_get};
 use support::front::{Front, FrontOptions, Judge};
 use support::plane::Plane;
 
@@ -344,6 +346,76 @@ async fn no_secret_key_session_token_or_sas_leaves_the_agent() {
         assert!(!events.contains(needle), "{needle} in an event");
         assert_eq!(
             files_containing(&setup.state_dir(), needle),
+            Vec::<String>::new()
+        );
+    }
+}
+
+/// The daemon as well: after an s3 pull signed with a sentinel secret and session token, and
+/// one refused for a missing object, neither secret is in its TRACE log, in a `/metrics`
+/// scrape, in an API answer, in an event or in any file under the state dir.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_the_daemon_log_metrics_or_api() {
+    let Some(s3) = S3s::start().await else {
+        return;
+    };
+    let token = "SENTINEL-daemon-session-7a2e";
+    let secret = s3.0.secret_key().to_owned();
+    let body = pseudo_random(300_000, 48);
+    let (found, missing) = (key("daemon-secret-ok"), key("daemon-secret-missing"));
+    s3.put(&found, &body).await;
+
+    let mut node = Node::new();
+    let config = std::fs::read_to_string(node.setup.config_path()).unwrap();
+    node.setup
+        .write_config(&format!("{config}\n{}", s3.config(s3.addr(), BUCKET)));
+    node.env("BLOBSTAGE_LOG", "trace");
+    let credential = s3.0.credential_with(&secret, token);
+    // Other bytes for the missing object: the same digest would be answered from the store.
+    let other = pseudo_random(300_000, 49);
+    let registered = |id: &str, key: &str, body: &[u8]| {
+        let mut r = registration(&s3, s3.addr(), key, body);
+        r["id"] = id.into();
+        r["credential"] = credential.clone();
+        r
+    };
+    node.setup.register(&[
+        registered("t/ok@1", &found, &body),
+        registered("t/missing@1", &missing, &other),
+    ]);
+    let daemon = node.start().await;
+
+    let mut answers = Vec::new();
+    for (id, state) in [("t/ok@1", "staged"), ("t/missing@1", "failed")] {
+        let (status, pull) = daemon
+            .request("POST", "/v1/pulls", Some(&json!({"artifact_id": id})))
+            .await;
+        assert_eq!(status, 202, "{pull}");
+        let target = format!("/v1/pulls/{}?wait=30s", pull["id"].as_str().unwrap());
+        let (_, done) = daemon.request("GET", &target, None).await;
+        assert_eq!(done["state"], state, "{done}");
+        answers.push(done.to_string());
+    }
+    let metrics_addr = daemon.metrics_addr().await.expect("the metrics listener");
+    let scrape = tcp_get(metrics_addr, "/metrics").await.text();
+    assert!(scrape.contains("blobstage_pulls_total"), "{scrape}");
+    let log = daemon.output();
+    assert!(log.contains("TRACE"), "TRACE logging was not on");
+
+    for needle in [secret.as_str(), token] {
+        assert!(
+            !log.contains(needle),
+            "{needle} in the daemon's log:\n{log}"
+        );
+        assert!(!scrape.contains(needle), "{needle} in /metrics");
+        assert!(
+            answers.iter().all(|a| !a.contains(needle)),
+            "{needle} in an answer"
+        );
+        let events = std::fs::read_to_string(node.setup.events_path()).unwrap_or_default();
+        assert!(!events.contains(needle), "{needle} in an event");
+        assert_eq!(
+            files_containing(&node.setup.state_dir(), needle),
             Vec::<String>::new()
         );
     }

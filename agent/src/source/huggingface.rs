@@ -155,6 +155,11 @@ fn split_revision(after: &str) -> Result<(String, &str), String> {
     if revision.is_empty() || revision.chars().any(char::is_control) {
         return Err("the revision is empty or holds a control character".into());
     }
+    // Git allows no such ref, and in the resolve URL a `.` or `..` segment would be taken as a
+    // path step, naming another file than the one registered.
+    if revision.split('/').any(|s| s == "." || s == "..") {
+        return Err("the revision has a . or .. segment".into());
+    }
     Ok((revision.into_owned(), &after[end + 1..]))
 }
 
@@ -668,6 +673,9 @@ mod tests {
             "hf://acme/ll ama/f",
             "hf://ac/me@main/f/..",
             "hf://datasets/acme",
+            "hf://acme/llama@./f",
+            "hf://acme/llama@..%2Fmain/f",
+            "hf://acme/llama@feature%2F../f",
         ] {
             assert!(HubFile::parse(bad).is_err(), "accepted {bad}");
         }
@@ -758,6 +766,7 @@ mod tests {
             path in "[a-z0-9]{1,8}(/[a-z0-9._-]{1,8}){0,3}",
         ) {
             prop_assume!(!path.split('/').any(|s| s == "." || s == ".."));
+            prop_assume!(!revision.split('/').any(|s| s == "." || s == ".."));
             let encoded = utf8_percent_encode(&revision, REVISION).to_string();
             let uri = format!("hf://acme/repo@{encoded}/{path}");
             let file = HubFile::parse(&uri).unwrap();

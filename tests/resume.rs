@@ -10,8 +10,9 @@
 mod support;
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
-use std::process::Child;
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -342,5 +343,126 @@ async fn two_processes_on_one_state_dir_transfer_once() {
     assert!(
         content_gets <= ranges + 1,
         "{content_gets} content requests for {ranges} ranges"
+    );
+}
+
+/// Gives the node's files to `nobody` when the tests run as root, so that its runs, started
+/// as `nobody` by [`as_node_user`], meet file modes as the service user would: root may write
+/// a read-only file, the service user may not.
+fn hand_to_service_user(setup: &Setup) {
+    fn chown_all(path: &std::path::Path) {
+        std::os::unix::fs::lchown(path, Some(NOBODY), Some(NOBODY)).unwrap();
+        if path.is_dir() && !path.is_symlink() {
+            for entry in fs::read_dir(path).unwrap() {
+                chown_all(&entry.unwrap().path());
+            }
+        }
+    }
+    if running_as_root() {
+        chown_all(setup.root());
+    }
+}
+
+const NOBODY: u32 = 65534;
+
+/// Root, with a binary that `nobody` can reach and run (every directory above it searchable by
+/// others): the runs then switch to `nobody`.
+fn running_as_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_blobstage"));
+    let reachable = binary
+        .ancestors()
+        .skip(1)
+        .all(|dir| fs::metadata(dir).is_ok_and(|m| m.mode() & 0o001 != 0));
+    fs::metadata("/proc/self").unwrap().uid() == 0 && reachable
+}
+
+/// `fetch` with `args`, as `nobody` when the tests run as root.
+fn as_node_user(setup: &Setup, args: &[&str]) -> std::process::Command {
+    use std::os::unix::process::CommandExt;
+    let mut command = setup.fetch_command(args);
+    if running_as_root() {
+        command.uid(NOBODY).gid(NOBODY);
+    }
+    command
+}
+
+/// SIGKILL in the middle of a publish, the process held there by the debug builds'
+/// `BLOBSTAGE_PAUSE_AT`. Killed before the rename, nothing is at the blob path, and the next
+/// run (as the service user, who cannot open the read-only ingest for writing as it is)
+/// resumes it, fetching again only what the last checkpoint had not recorded. Killed after the rename, the blob is
+/// whole and read-only, and the next run answers from the store and clears what the killed
+/// run left in `ingest/`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_during_publish_leaves_no_blob_or_the_whole_verified_one() {
+    for (point, seed) in [("publish-before-rename", 34), ("publish-after-rename", 35)] {
+        let (setup, origin) = (Setup::new(), Origin::start().await);
+        let body = pseudo_random(SIZE, seed);
+        serve(&setup, &origin, &body);
+        hand_to_service_user(&setup);
+        let blob = setup.blob_path(&sha256_hex(&body));
+        let ingest = ingest_path(&setup, &body);
+
+        let mut paused = as_node_user(&setup, &["t/blob@1"]);
+        paused.env("BLOBSTAGE_PAUSE_AT", point);
+        paused.stdout(Stdio::null()).stderr(Stdio::null());
+        let child = paused.spawn().expect("start blobstage");
+        let reached = |_: &Child| match point {
+            "publish-before-rename" => {
+                fs::metadata(&ingest).is_ok_and(|m| m.permissions().mode() & 0o777 == 0o444)
+            }
+            _ => blob.exists(),
+        };
+        kill_when(child, point, reached).await;
+
+        let sent = origin.body_bytes_sent("/blob");
+        let output = as_node_user(&setup, &["--json", "t/blob@1"])
+            .output()
+            .expect("run blobstage");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{point}: {stderr}");
+        let json: Value = serde_json::from_slice(&output.stdout).expect("--json output");
+        let expected = match point {
+            "publish-before-rename" => "staged",
+            _ => "already_present",
+        };
+        assert_eq!(json["outcome"], expected, "{point}: {stderr}");
+        // Only what the last checkpoint had not recorded is fetched again.
+        let again = json["bytes_transferred"].as_u64().unwrap();
+        assert!(again <= CONNECTIONS * CHUNK, "{point}: {json}");
+        // The one-byte probe, for a run that goes to the source at all.
+        let probe = u64::from(expected == "staged");
+        assert_eq!(
+            origin.body_bytes_sent("/blob"),
+            sent + again + probe,
+            "{point}"
+        );
+        assert_eq!(fs::read(&blob).unwrap(), body, "{point}");
+        let mode = fs::metadata(&blob).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o444, "{point}");
+        assert!(setup.ingest_is_empty(), "{point}: files left in ingest/");
+    }
+}
+
+/// Waits (30 s at most) until `reached` holds while `child` is still running, then kills it
+/// with SIGKILL.
+async fn kill_when(mut child: Child, point: &str, reached: impl Fn(&Child) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !reached(&child) {
+        let exited = child.try_wait().unwrap();
+        assert!(
+            exited.is_none(),
+            "{point}: the fetch ended first: {exited:?}"
+        );
+        assert!(Instant::now() < deadline, "{point}: never reached");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Reached, but perhaps not yet parked there: the pause is what comes next.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    child.kill().expect("SIGKILL");
+    let status = child.wait().expect("reap");
+    assert!(
+        status.code().is_none(),
+        "{point}: ended by itself: {status}"
     );
 }

@@ -19,7 +19,13 @@ use control_client::TrustState;
 use serde::Deserialize;
 
 /// Environment variables with the `BLOBSTAGE_` prefix that are not configuration keys.
-const NOT_CONFIG_VARS: &[&str] = &["BLOBSTAGE_CONFIG", "BLOBSTAGE_SOCKET", "BLOBSTAGE_LOG"];
+const NOT_CONFIG_VARS: &[&str] = &[
+    "BLOBSTAGE_CONFIG",
+    "BLOBSTAGE_SOCKET",
+    "BLOBSTAGE_LOG",
+    // A test hook of debug builds (store.rs); release builds ignore it.
+    "BLOBSTAGE_PAUSE_AT",
+];
 
 /// Sections whose keys the environment may override, longest first so that
 /// `SOURCES_AZURE_BLOB_` wins over a shorter prefix.

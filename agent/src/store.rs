@@ -17,7 +17,8 @@
 //!
 //! An ingest that fails is kept, with its resume journal, for the next attempt; only an ingest
 //! whose bytes are known to be wrong (a digest mismatch, a source that changed) is discarded.
-//! Kept ingests untouched for `ingest_ttl` are removed by [`Store::sweep_ingests`].
+//! Kept ingests untouched for `ingest_ttl` are removed by [`Store::sweep_ingests`], and so is
+//! at once a journal whose data file is gone (a publish killed after its rename).
 //!
 //! Files are created with `O_EXCL` after removing whatever was at their path, so a symlink
 //! planted in `ingest/` is replaced, never followed.
@@ -229,6 +230,9 @@ impl Store {
         let mut freed = 0;
         for entry in fs::read_dir(&dir).map_err(at("list", &dir))? {
             let path = entry.map_err(at("list", &dir))?.path();
+            if path.extension().is_some_and(|e| e == "journal") {
+                remove_orphan_journal(&path);
+            }
             if path.extension().is_some() {
                 continue;
             }
@@ -242,7 +246,7 @@ impl Store {
             if age.is_none_or(|age| age < ttl) {
                 continue;
             }
-            let Ok(lock) = File::create(path.with_extension("lock")) else {
+            let Ok(lock) = open_lock(&path.with_extension("lock")) else {
                 continue;
             };
             if lock.try_lock().is_ok() {
@@ -260,17 +264,47 @@ impl Store {
     }
 }
 
+/// Removes the journal at `path`, and its lock, when its data file is gone and no transfer holds
+/// it: what a publish killed between its rename and its clean-up leaves behind.
+fn remove_orphan_journal(path: &Path) {
+    let data = path.with_extension("");
+    if fs::symlink_metadata(&data).is_ok() {
+        return;
+    }
+    let lock_path = data.with_extension("lock");
+    let Ok(lock) = open_lock(&lock_path) else {
+        return;
+    };
+    if lock.try_lock().is_ok() && fs::symlink_metadata(&data).is_err() {
+        let _ = fs::remove_file(path);
+        let _ = fs::remove_file(&lock_path);
+    }
+}
+
+/// Opens (creating it if need be) the lock file at `path`, never through a symlink and never
+/// truncating what is there.
+fn open_lock(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
 /// Locks `path` exclusively, and makes sure the lock is on the file that `path` still names.
 fn lock_file(path: &Path) -> Result<File, StoreError> {
     loop {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(path)
-            .map_err(at("open", path))?;
+        let file = match open_lock(path) {
+            // A symlink planted at the path is removed, never followed.
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                fs::remove_file(path).map_err(at("remove", path))?;
+                continue;
+            }
+            opened => opened.map_err(at("open", path))?,
+        };
         file.lock().map_err(at("lock", path))?;
         let held = file.metadata().map_err(at("inspect", path))?;
         match fs::metadata(path) {
@@ -307,9 +341,11 @@ impl Ingest {
 
     /// Opens the data a previous run left, if it is there at exactly `size` bytes.
     pub fn reopen(&mut self, size: u64) -> Result<bool, StoreError> {
-        let file = match OpenOptions::new().read(true).write(true).open(&self.path) {
+        let file = match open_existing(&self.path) {
             Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            // A symlink planted at the path: not ours to resume; `create` replaces it.
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Ok(false),
             Err(e) => return Err(at("open", &self.path)(e)),
         };
         let meta = file.metadata().map_err(at("inspect", &self.path))?;
@@ -366,13 +402,48 @@ impl Ingest {
             .map_err(at("set the mode of", &self.path))?;
         let dir = self.blob.parent().expect("blob paths have a parent");
         fs::create_dir_all(dir).map_err(at("create", dir))?;
+        pause_at("publish-before-rename");
         fs::rename(&self.path, &self.blob).map_err(at("publish", &self.blob))?;
+        pause_at("publish-after-rename");
         File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(at("sync", dir))?;
         let _ = fs::remove_file(&self.journal);
         self.finished = true;
         Ok(self.blob.clone())
+    }
+}
+
+/// Opens an existing ingest file to read and write, never through a symlink. A file left
+/// read-only (0444) by a publish killed between its chmod and its rename is made writable by
+/// its owner again first: only root may open a read-only file for writing.
+fn open_existing(path: &Path) -> io::Result<File> {
+    let open = |write| {
+        OpenOptions::new()
+            .read(true)
+            .write(write)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+    };
+    match open(true) {
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            open(false)?.set_permissions(Permissions::from_mode(0o600))?;
+            open(true)
+        }
+        opened => opened,
+    }
+}
+
+/// A test hook of debug builds: with `BLOBSTAGE_PAUSE_AT=<point>` in its environment the
+/// process stops for good at that point of a publish (`publish-before-rename`,
+/// `publish-after-rename`), so that a test can SIGKILL it exactly there. Release builds have
+/// no such point.
+fn pause_at(point: &str) {
+    if cfg!(debug_assertions) && std::env::var_os("BLOBSTAGE_PAUSE_AT").is_some_and(|p| p == point)
+    {
+        loop {
+            std::thread::park();
+        }
     }
 }
 
@@ -462,6 +533,29 @@ mod tests {
                 .file_type()
                 .is_symlink()
         );
+    }
+
+    #[test]
+    fn a_symlink_planted_as_ingest_or_lock_is_not_resumed_or_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"0123456789").unwrap();
+        let name = format!("sha256-{}", "ab".repeat(32));
+        let ingest_dir = dir.path().join("ingest");
+        std::os::unix::fs::symlink(&victim, ingest_dir.join(&name)).unwrap();
+        std::os::unix::fs::symlink(&victim, ingest_dir.join(format!("{name}.lock"))).unwrap();
+
+        let mut ingest = store.lock_ingest(&digest()).unwrap();
+        assert!(
+            !ingest.reopen(10).unwrap(),
+            "a symlink of the right size was resumed"
+        );
+        ingest.create(10).unwrap();
+        (&*ingest.file()).write_all(b"new").unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"0123456789");
+        let lock = fs::symlink_metadata(ingest_dir.join(format!("{name}.lock"))).unwrap();
+        assert!(lock.is_file());
     }
 
     #[test]

@@ -506,6 +506,58 @@ async fn a_redirect_off_the_allowlist_is_not_followed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_to_a_file_or_another_scheme_is_refused() {
+    let (setup, origin) = (Setup::new(), Origin::start().await);
+    let port = origin.addr().port();
+    let targets = [
+        "file:///etc/passwd".to_owned(),
+        format!("ftp://127.0.0.1:{port}/blob"),
+        format!("ws://127.0.0.1:{port}/blob"),
+        "data:text/plain,hello".to_owned(),
+    ];
+    for (n, location) in targets.iter().enumerate() {
+        let path = format!("/r{n}");
+        origin.set_fault(&path, redirect(location.clone(), 302));
+        let id = format!("t/scheme{n}@1");
+        setup.register(&[artifact(&id, &origin.url(&path), b"hello")]);
+
+        let run = setup.fetch(&id).await;
+
+        let line = run.error("source_not_allowed");
+        assert!(!line.contains("root:"), "{location}: {line}");
+        run.assert_event("refused", Some("source_not_allowed"));
+        let requests = origin.requests();
+        assert!(
+            requests.iter().all(|l| l.path.starts_with("/r")),
+            "{requests:#?}"
+        );
+        assert_nothing_published(&setup);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_with_an_http_date_retry_after_is_retried_and_the_blob_staged() {
+    let (setup, origin) = (Setup::new(), Origin::start().await);
+    let body = pseudo_random(200_000, 13);
+    publish(&setup, &origin, "t/throttled@1", "/blob", &body);
+    let later = std::time::SystemTime::now() + Duration::from_secs(2);
+    let throttled = Fault::Status {
+        status: 429,
+        retry_after: Some(httpdate::fmt_http_date(later)),
+        times: 1,
+    };
+    origin.set_fault("/blob", throttled);
+
+    let run = setup.fetch("t/throttled@1").await;
+
+    assert_published(&setup, &run, &body);
+    assert_staged_event(&run, "t/throttled@1", &body);
+    assert!(has_warning(&run), "no retry warning: {run:#?}");
+    let statuses: Vec<u16> = origin.requests().iter().map(|l| l.status).collect();
+    assert_eq!(statuses.first(), Some(&429), "{statuses:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_http_without_insecure_http_is_refused() {
     let options = ConfigOptions {
         insecure_http: false,

@@ -241,3 +241,45 @@ async fn a_hanging_control_plane_fails_the_fetch_with_a_clear_code() {
     run.error("control_plane_unavailable");
     assert!(setup.blobs().is_empty());
 }
+
+/// A control plane that answers 200 with a body that is not JSON: the pull fails with a clear
+/// code and stages nothing; the daemon serves the next pull once the control plane is sound
+/// again, and the failed pull's event arrives beside the staged one's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_answering_garbage_fails_the_pull_and_the_daemon_goes_on() {
+    let (_origin, plane, body) = registered_blob(50_000, 83).await;
+    let mut node = Node::new();
+    plane.configure(&node.setup, TOKEN);
+    node.env("BLOBSTAGE_CONTROL_PLANE_TIMEOUT", "1s");
+    let daemon = node.start().await;
+
+    plane.set_mode(Mode::Garbage, false);
+    let failed = pull(&daemon, "team/w@1").await;
+    assert_eq!(
+        failed["error"]["code"], "control_plane_unavailable",
+        "{failed:#}"
+    );
+    assert!(node.setup.blobs().is_empty());
+
+    plane.set_mode(Mode::Up, false);
+    let staged = pull(&daemon, "team/w@1").await;
+    assert_eq!(staged["state"], "staged", "{staged:#}");
+    let path = staged["path"].as_str().unwrap();
+    assert_eq!(std::fs::read(path).unwrap(), body);
+    wait_for("both events arrive", || plane.events().len() >= 2).await;
+    let events = plane.events();
+    assert_once_each(&events);
+    let outcomes: Vec<&str> = events
+        .iter()
+        .map(|e| e["outcome"].as_str().unwrap())
+        .collect();
+    assert!(outcomes.contains(&"staged"), "{events:#?}");
+    let failure = events
+        .iter()
+        .find(|e| e["outcome"] != "staged")
+        .expect("the failed pull's event");
+    assert_eq!(
+        failure["error_code"], "control_plane_unavailable",
+        "{failure:#}"
+    );
+}

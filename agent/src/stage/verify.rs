@@ -3,12 +3,13 @@
 //! A staged blob that no longer matches its digest is moved out of `blobs/` into
 //! `quarantine/`, so the next pull stages it again; a file outside the store is only judged,
 //! never moved. A caller may name a file only if it owns it (or is root): the daemon must not
-//! become a way to learn the digest of files the caller cannot read. Symlinks are refused.
+//! become a way to learn the digest of files the caller cannot read. Symlinks and anything but
+//! regular files are refused, judged on the opened file so nothing can be swapped in between.
 //! Every verify records exactly one event.
 
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -119,7 +120,7 @@ impl Stager {
         requester: Option<Requester>,
         digest_out: &mut Option<Digest>,
     ) -> Result<Verified, VerifyError> {
-        let (digest, path, staged) = match target {
+        let (digest, path, file) = match target {
             Target::Artifact(id) => {
                 let artifact = self
                     .control_plane
@@ -132,15 +133,16 @@ impl Stager {
                 let (path, _) = found.ok_or_else(|| VerifyError::NotStaged {
                     digest: digest.clone(),
                 })?;
-                (digest, path, true)
+                (digest, path, None)
             }
             Target::File { digest, path } => {
                 *digest_out = Some(digest.clone());
-                check_caller_owns(&path, requester)?;
-                (digest, path, false)
+                let file = open_callers_file(&path, requester)?;
+                (digest, path, Some(file))
             }
         };
-        let (actual, size) = hash_file(path.clone(), digest.clone()).await?;
+        let staged = file.is_none();
+        let (actual, size) = hash_file(path.clone(), file, digest.clone()).await?;
         if actual == digest {
             info!(path = %path.display(), "verified");
             return Ok(Verified { digest, path, size });
@@ -170,30 +172,46 @@ impl Stager {
     }
 }
 
-/// A caller may name only a regular file (not a symlink) that it owns, unless it is root.
-fn check_caller_owns(path: &Path, requester: Option<Requester>) -> Result<(), VerifyError> {
+/// Opens a file a caller names: an absolute path, not a symlink (`O_NOFOLLOW`), and, judged on
+/// the open file rather than the path so that nothing can be swapped in between, a regular file
+/// the caller owns unless it is root. `O_NONBLOCK` keeps a FIFO from holding the open forever;
+/// it does not change how a regular file reads.
+fn open_callers_file(path: &Path, requester: Option<Requester>) -> Result<File, VerifyError> {
     let refused = || VerifyError::NotAllowed {
         path: path.to_owned(),
     };
     if !path.is_absolute() {
         return Err(refused());
     }
-    let meta = std::fs::symlink_metadata(path).map_err(|_| refused())?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|_| refused())?;
+    let meta = file.metadata().map_err(|_| refused())?;
     let owner_ok = requester.is_none_or(|r| r.uid == 0 || r.uid == meta.uid());
     if !meta.is_file() || !owner_ok {
         return Err(refused());
     }
-    Ok(())
+    Ok(file)
 }
 
-/// Hashes a file with the digest's algorithm, off the async runtime.
-async fn hash_file(path: PathBuf, digest: Digest) -> Result<(Digest, u64), VerifyError> {
+/// Hashes `file` (a staged blob at `path` when `None`) with the digest's algorithm, off the
+/// async runtime.
+async fn hash_file(
+    path: PathBuf,
+    file: Option<File>,
+    digest: Digest,
+) -> Result<(Digest, u64), VerifyError> {
     tokio::task::spawn_blocking(move || {
         let read_error = |source| VerifyError::Read {
             path: path.clone(),
             source,
         };
-        let mut file = File::open(&path).map_err(read_error)?;
+        let mut file = match file {
+            Some(file) => file,
+            None => File::open(&path).map_err(read_error)?,
+        };
         let mut hasher = Hasher::new(digest.algorithm());
         let mut buffer = vec![0u8; 1 << 20];
         let mut size = 0u64;

@@ -14,6 +14,7 @@ use control_client::{ArtifactId, Digest, Outcome, Requester};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
+use percent_encoding::percent_decode_str;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tracing::{Instrument, debug, info_span};
@@ -27,6 +28,8 @@ pub const MAX_BODY: usize = 64 << 10;
 
 /// Longest long-poll a client may ask for.
 const MAX_WAIT: Duration = Duration::from_secs(300);
+/// Most digests one lease holds.
+const MAX_LEASE_DIGESTS: usize = 256;
 
 /// Every (method, path template) the socket serves.
 pub const ROUTES: &[(&str, &str)] = &[
@@ -80,8 +83,9 @@ pub fn operation<B>(request: &Request<B>) -> &'static str {
     route(request.method(), request.uri().path()).map_or("unknown", |e| e.name())
 }
 
-/// Matches a request to its route: `Err(true)` when the path exists for another method.
-pub fn route<'a>(method: &Method, path: &'a str) -> Result<Endpoint<'a>, bool> {
+/// Matches a request to its route. `Err(Some(allow))` when the path exists for other methods,
+/// `allow` listing them (the `Allow` header of the 405); `Err(None)` when no route has it.
+pub fn route<'a>(method: &Method, path: &'a str) -> Result<Endpoint<'a>, Option<&'static str>> {
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let endpoint = match (method, segments.as_slice()) {
         (&Method::POST, ["v1", "pulls"]) => Endpoint::CreatePull,
@@ -94,11 +98,21 @@ pub fn route<'a>(method: &Method, path: &'a str) -> Result<Endpoint<'a>, bool> {
         (&Method::POST, ["v1", "leases"]) => Endpoint::TakeLease,
         (&Method::DELETE, ["v1", "leases", id]) => Endpoint::ReleaseLease(id),
         (&Method::POST, ["v1", "gc"]) => Endpoint::Collect,
-        (_, ["v1", "pulls" | "blobs" | "leases"] | ["v1", "pulls" | "blobs" | "leases", _])
-        | (_, ["v1", "status" | "verify" | "gc"]) => return Err(true),
-        _ => return Err(false),
+        (_, segments) => return Err(allowed_methods(segments)),
     };
     Ok(endpoint)
+}
+
+/// The methods a path is served for, as an `Allow` header lists them.
+fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
+    let allow = match segments {
+        ["v1", "pulls"] | ["v1", "verify" | "leases" | "gc"] => "POST",
+        ["v1", "pulls", _] => "GET, DELETE",
+        ["v1", "blobs"] | ["v1", "blobs", _] | ["v1", "status"] => "GET",
+        ["v1", "leases", _] => "DELETE",
+        _ => return None,
+    };
+    Some(allow)
 }
 
 /// An API error: status, stable code, message.
@@ -107,6 +121,8 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// The `Allow` header of a 405.
+    allow: Option<&'static str>,
 }
 
 impl ApiError {
@@ -115,6 +131,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            allow: None,
         }
     }
 
@@ -124,7 +141,12 @@ impl ApiError {
 
     pub fn into_response(self) -> Response<Full<Bytes>> {
         let body = json!({ "error": { "code": self.code, "message": self.message } });
-        respond(self.status, &body)
+        let mut response = respond(self.status, &body);
+        if let Some(allow) = self.allow {
+            let value = hyper::header::HeaderValue::from_static(allow);
+            response.headers_mut().insert(hyper::header::ALLOW, value);
+        }
+        response
     }
 }
 
@@ -186,7 +208,18 @@ struct VerifyRequest {
 struct LeaseRequest {
     holder: String,
     digests: Vec<String>,
+    #[serde(deserialize_with = "whole_number")]
     ttl_seconds: u64,
+}
+
+/// A JSON integer, written as `2` or, as JSON Schema's `integer` allows, `2.0`.
+fn whole_number<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    let number = serde_json::Number::deserialize(deserializer)?;
+    let whole = number.as_u64().or_else(|| {
+        let float = number.as_f64()?;
+        (float.fract() == 0.0 && (0.0..=u64::MAX as f64).contains(&float)).then_some(float as u64)
+    });
+    whole.ok_or_else(|| serde::de::Error::custom(format!("{number} is not a whole number")))
 }
 
 /// Longest lease: a holder renews rather than pinning blobs forever.
@@ -223,14 +256,21 @@ impl Api {
         request: Request<Incoming>,
         peer: Requester,
     ) -> Result<Response<Full<Bytes>>, ApiError> {
-        let path = request.uri().path().to_owned();
-        let endpoint = route(request.method(), &path).map_err(|exists| match exists {
-            true => ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "method not allowed here",
-            ),
-            false => ApiError::new(
+        // Percent-decoded before it is split, so `sha256%3A...` names the digest it spells; an
+        // encoded `/` splits too, which no id or digest has.
+        let path = percent_decode_str(request.uri().path())
+            .decode_utf8_lossy()
+            .into_owned();
+        let endpoint = route(request.method(), &path).map_err(|allow| match allow {
+            Some(allow) => ApiError {
+                allow: Some(allow),
+                ..ApiError::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    format!("{path} takes {allow}"),
+                )
+            },
+            None => ApiError::new(
                 StatusCode::NOT_FOUND,
                 "route_not_found",
                 format!("no route {path}"),
@@ -335,15 +375,16 @@ impl Api {
 
     fn take_lease(&self, body: LeaseRequest) -> Result<Response<Full<Bytes>>, ApiError> {
         let holder_ok = !body.holder.is_empty()
-            && body.holder.len() <= 256
+            && body.holder.chars().count() <= 256
             && !body.holder.chars().any(char::is_control);
         if !holder_ok {
             return Err(ApiError::bad_request(
                 "holder must be 1-256 printable characters",
             ));
         }
-        if body.digests.is_empty() || body.digests.len() > 1000 {
-            return Err(ApiError::bad_request("a lease holds 1-1000 digests"));
+        // 256 sha512 digests fit well within the body limit.
+        if body.digests.is_empty() || body.digests.len() > MAX_LEASE_DIGESTS {
+            return Err(ApiError::bad_request("a lease holds 1-256 digests"));
         }
         if !(1..=MAX_LEASE).contains(&body.ttl_seconds) {
             return Err(ApiError::bad_request(
@@ -562,9 +603,26 @@ mod tests {
             ROUTES.len(),
             "two routes share an operation name"
         );
-        assert_eq!(route(&Method::PUT, "/v1/pulls"), Err(true));
-        assert_eq!(route(&Method::GET, "/v2/pulls"), Err(false));
-        assert_eq!(route(&Method::GET, "/v1/pulls/a/b"), Err(false));
+        for (method, template) in ROUTES {
+            let path = template
+                .replace("{id}", "x")
+                .replace("{digest}", "sha256:ab");
+            let Err(Some(allow)) = route(&Method::PATCH, &path) else {
+                panic!("{template} takes PATCH or has no Allow");
+            };
+            assert!(
+                allow.split(", ").any(|m| m == *method),
+                "{template}: {allow}"
+            );
+        }
+        assert_eq!(route(&Method::PUT, "/v1/pulls"), Err(Some("POST")));
+        assert_eq!(
+            route(&Method::PUT, "/v1/pulls/p-1"),
+            Err(Some("GET, DELETE"))
+        );
+        assert_eq!(route(&Method::TRACE, "/v1/status"), Err(Some("GET")));
+        assert_eq!(route(&Method::GET, "/v2/pulls"), Err(None));
+        assert_eq!(route(&Method::GET, "/v1/pulls/a/b"), Err(None));
     }
 
     #[test]

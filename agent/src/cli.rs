@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use control_client::{
-    ArtifactId, ControlPlane, ControlPlaneError, FileControlPlane, HttpControlPlane, HttpOptions,
-    Requester,
+    ArtifactId, ControlPlane, ControlPlaneError, Event, FileControlPlane, HttpControlPlane,
+    HttpOptions, Operation, Outcome, Requester,
 };
 use hyper::Method;
 use serde_json::{Value, json};
@@ -250,8 +250,17 @@ fn fetch(args: FetchArgs) -> Result<(), Failure> {
         .map_err(|e| Failure::usage("invalid_artifact_id", e.to_owned()))?;
     crate::logs::init("warn", config.log.format);
     let staged = runtime()?.block_on(async {
-        let stager = Stager::new(config, control_plane, http)
-            .map_err(|e| Failure::runtime(e.code(), crate::errors::Chain(&e).to_string()))?;
+        let node_id = config.node_id();
+        let stager = match Stager::new(config, control_plane.clone(), http) {
+            Ok(stager) => stager,
+            Err(e) => {
+                report_unopened(&*control_plane, node_id, &id, e.code()).await;
+                return Err(Failure::runtime(
+                    e.code(),
+                    crate::errors::Chain(&e).to_string(),
+                ));
+            }
+        };
         let pulled = stager.pull(&id, Some(this_process())).await;
         // The event is safe in the outbox either way; deliver it now if the control plane
         // takes it, else the daemon or the next fetch will.
@@ -505,6 +514,24 @@ fn print_staged(staged: &Staged, json: bool) {
 }
 
 /// The requester of a one-shot command is the process itself.
+/// The event of a fetch that failed because its state dir could not be opened (read-only,
+/// full): with no outbox to keep it in, it goes to the control plane at once, and is lost only
+/// when that fails too.
+async fn report_unopened(
+    control_plane: &dyn ControlPlane,
+    node_id: String,
+    id: &ArtifactId,
+    code: &str,
+) {
+    let mut event = Event::new(&node_id, Operation::PullBlob, Outcome::Failed);
+    event.artifact_id = Some(id.clone());
+    event.error_code = Some(code.to_owned());
+    event.requested_by = Some(this_process());
+    if let Err(e) = control_plane.report(std::slice::from_ref(&event)).await {
+        tracing::warn!(error = %crate::errors::Chain(&e), "the event of this fetch was not recorded");
+    }
+}
+
 fn this_process() -> Requester {
     let uid = std::fs::metadata("/proc/self")
         .map(|m| m.uid())

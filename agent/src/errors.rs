@@ -24,6 +24,16 @@ impl fmt::Display for Chain<'_> {
     }
 }
 
+/// The stable code of a failed file operation on the state dir: `disk_full` when no space or
+/// quota is left, `state_dir_read_only` on a read-only filesystem, else `io_error`.
+pub fn io_code(error: &std::io::Error) -> &'static str {
+    match error.raw_os_error() {
+        Some(libc::ENOSPC | libc::EDQUOT) => "disk_full",
+        Some(libc::EROFS) => "state_dir_read_only",
+        _ => "io_error",
+    }
+}
+
 /// Whether `error` or one of its causes is an I/O error of `kind`. An `io::Error` that wraps
 /// another error does not list it as its source, so the wrapped error is searched too.
 pub fn has_io_kind(error: &(dyn Error + 'static), kind: std::io::ErrorKind) -> bool {

@@ -47,6 +47,13 @@ pub struct OutboxError {
     source: std::io::Error,
 }
 
+impl OutboxError {
+    /// `disk_full`, `state_dir_read_only` or `io_error`.
+    pub fn code(&self) -> &'static str {
+        crate::errors::io_code(&self.source)
+    }
+}
+
 /// Events waiting for the control plane.
 #[derive(Debug)]
 pub struct Outbox {
@@ -108,17 +115,22 @@ impl Outbox {
         let body = serde_json::to_vec(event).expect("events serialize");
         let name = event_file_name(&event.event_id);
         let temporary = self.dir.join(format!(".{name}.tmp"));
-        let mut file = OpenOptions::new()
+        let written = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
             .open(&temporary)
-            .map_err(fail("write"))?;
-        file.write_all(&body)
-            .and_then(|()| file.sync_data())
-            .map_err(fail("write"))?;
-        fs::rename(&temporary, self.dir.join(name)).map_err(fail("write"))?;
+            .and_then(|mut file| {
+                file.write_all(&body)?;
+                file.sync_data()
+            })
+            .and_then(|()| fs::rename(&temporary, self.dir.join(&name)));
+        if let Err(e) = written {
+            // A half-written file on a full disk would only take more room.
+            let _ = fs::remove_file(&temporary);
+            return Err(fail("write")(e));
+        }
         sync_dir(&self.dir).map_err(fail("sync"))?;
         self.depth.fetch_add(1, Ordering::AcqRel);
         self.wake.notify_one();

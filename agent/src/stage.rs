@@ -104,7 +104,7 @@ impl StageError {
             StageError::DigestMismatch { .. } => "digest_mismatch",
             StageError::PinMismatch { .. } => "digest_pin_mismatch",
             StageError::Store(e) => e.code(),
-            StageError::Unrecorded { .. } | StageError::Outbox { .. } => "io_error",
+            StageError::Unrecorded { source, .. } | StageError::Outbox { source } => source.code(),
             StageError::OutboxFull { .. } => "outbox_full",
         }
     }
@@ -282,12 +282,32 @@ impl Stager {
         &self.metrics
     }
 
-    /// Writes `event` to the outbox, durably, before the operation is reported done.
+    /// Writes `event` to the outbox, durably, before the operation is reported done. When the
+    /// outbox cannot be written (a full or read-only disk), the event goes to the control plane
+    /// at once instead; it is lost only when that fails too.
     async fn keep(&self, event: Event) -> Result<(), OutboxError> {
         let outbox = self.outbox.clone();
-        tokio::task::spawn_blocking(move || outbox.append(&event))
+        let written = {
+            let event = event.clone();
+            tokio::task::spawn_blocking(move || outbox.append(&event))
+                .await
+                .expect("outbox task panicked")
+        };
+        let Err(unwritten) = written else {
+            return Ok(());
+        };
+        match self
+            .control_plane
+            .report(std::slice::from_ref(&event))
             .await
-            .expect("outbox task panicked")
+        {
+            Ok(()) => {
+                warn!(error = %crate::errors::Chain(&unwritten),
+                    "the event outbox cannot be written; the event went to the control plane directly");
+                Ok(())
+            }
+            Err(_) => Err(unwritten),
+        }
     }
 
     /// Stages `id` and records its event: [`Stager::admit`], then [`Stager::stage`].

@@ -50,7 +50,7 @@ pub struct StoreError {
 
 impl StoreError {
     pub fn code(&self) -> &'static str {
-        "io_error"
+        crate::errors::io_code(&self.source)
     }
 }
 
@@ -367,9 +367,10 @@ impl Ingest {
             .mode(0o600)
             .open(&self.path)
             .map_err(at("create", &self.path))?;
-        // Limitation: a sparse file, not `fallocate`d, so a full disk shows up as a write error
-        // during the transfer instead of before it.
-        file.set_len(size).map_err(at("size", &self.path))?;
+        if let Err(e) = reserve(&file, size) {
+            let _ = fs::remove_file(&self.path);
+            return Err(at("reserve space for", &self.path)(e));
+        }
         self.file = Some(Arc::new(file));
         Ok(())
     }
@@ -411,6 +412,19 @@ impl Ingest {
         let _ = fs::remove_file(&self.journal);
         self.finished = true;
         Ok(self.blob.clone())
+    }
+}
+
+/// Sizes a new ingest file to `size` bytes and reserves its blocks, so that a disk without room
+/// for the blob fails here, before any byte is fetched, and never half-way through. A
+/// filesystem that cannot reserve (no `fallocate`) gets a sparse file instead.
+fn reserve(file: &File, size: u64) -> io::Result<()> {
+    if size == 0 {
+        return Ok(());
+    }
+    match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, size) {
+        Err(e) if e == rustix::io::Errno::OPNOTSUPP => file.set_len(size),
+        result => result.map_err(io::Error::from),
     }
 }
 
@@ -583,16 +597,18 @@ mod tests {
     }
 
     #[test]
-    fn ingest_bytes_count_what_is_written_not_the_sparse_size() {
+    fn ingest_bytes_count_the_space_an_ingest_reserves() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.ingest_bytes().unwrap(), 0);
         let mut ingest = store.lock_ingest(&digest()).unwrap();
         ingest.create(64 << 20).unwrap();
-        let sparse = store.ingest_bytes().unwrap();
-        assert!(sparse < 1 << 20, "a sparse file counted {sparse} bytes");
-        (&*ingest.file()).write_all(&vec![7u8; 1 << 20]).unwrap();
-        assert!(store.ingest_bytes().unwrap() >= 1 << 20);
+        assert_eq!(ingest.file().metadata().unwrap().len(), 64 << 20);
+        let reserved = store.ingest_bytes().unwrap();
+        assert!(
+            reserved >= 64 << 20,
+            "a reserved file counted {reserved} bytes"
+        );
     }
 
     #[test]

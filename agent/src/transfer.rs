@@ -130,8 +130,8 @@ impl TransferError {
     pub fn code(&self) -> &'static str {
         match self {
             TransferError::Source { source, .. } => source.code(),
-            TransferError::Write(_) | TransferError::Hash(_) | TransferError::Checkpoint(_) => {
-                "io_error"
+            TransferError::Write(e) | TransferError::Hash(e) | TransferError::Checkpoint(e) => {
+                crate::errors::io_code(e)
             }
             TransferError::Cancelled => "cancelled",
         }
@@ -432,6 +432,8 @@ struct Checkpoints {
     interval: u64,
     since: AtomicU64,
     busy: tokio::sync::Mutex<()>,
+    /// A checkpoint failed: warned about once, not once a checkpoint.
+    failed: std::sync::atomic::AtomicBool,
 }
 
 impl Checkpoints {
@@ -443,6 +445,7 @@ impl Checkpoints {
             interval,
             since: AtomicU64::new(0),
             busy,
+            failed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -614,8 +617,15 @@ impl Worker {
         self.progress.record(index, len);
         *offset += len;
         self.feed.written(at, bytes);
-        if self.checkpoints.as_ref().is_some_and(|c| c.due(len)) {
-            self.checkpoint(false).await.map_err(Fetch::Write)?;
+        // A checkpoint that cannot be written (a full disk) costs only resume progress: the
+        // last journal written stays valid, and the bytes are on disk all the same.
+        let Some(checkpoints) = self.checkpoints.as_ref().filter(|c| c.due(len)) else {
+            return Ok(());
+        };
+        if let Err(e) = self.checkpoint(false).await
+            && !checkpoints.failed.swap(true, Ordering::Relaxed)
+        {
+            warn!(error = %Chain(&e), "cannot record progress for a later resume; going on");
         }
         Ok(())
     }

@@ -167,6 +167,8 @@ impl ApiError {
             "control_plane_rejected" => StatusCode::BAD_GATEWAY,
             "invalid_registration" => StatusCode::BAD_GATEWAY,
             "io_error" => StatusCode::INTERNAL_SERVER_ERROR,
+            "disk_full" => StatusCode::INSUFFICIENT_STORAGE,
+            "state_dir_read_only" => StatusCode::SERVICE_UNAVAILABLE,
             _ if e.outcome() == Outcome::Refused => StatusCode::FORBIDDEN,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };

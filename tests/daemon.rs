@@ -1127,3 +1127,39 @@ fn the_harness_finds_the_metrics_address_in_the_listening_line() {
     assert_eq!(parse_metrics_addr(log), expected);
     assert_eq!(parse_metrics_addr("stderr: metrics=127.0.0.1:1\n"), None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_daemon_on_the_same_state_dir_refuses_to_start_and_the_first_goes_on() {
+    let (node, origin) = (Node::new(), Origin::start().await);
+    let body = pseudo_random(SIZE, 62);
+    node.setup.register(&[publish(&origin, "shared", &body)]);
+    let first = node.start().await;
+
+    // Another node's configuration (its own socket and listener) on the first one's state dir.
+    let other = Node::new();
+    let config = fs::read_to_string(other.setup.config_path()).unwrap();
+    let (theirs, ours) = (other.setup.state_dir(), node.setup.state_dir());
+    let shared = config.replace(theirs.to_str().unwrap(), ours.to_str().unwrap());
+    assert_ne!(shared, config);
+    other.setup.write_config(&shared);
+    let mut second = other.spawn();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !second.has_exited() {
+        assert!(
+            Instant::now() < deadline,
+            "the second daemon is still running"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let output = second.output();
+    assert!(output.contains("error[state_dir_in_use]"), "{output}");
+    assert!(output.contains(&format!("pid {}", first.pid())), "{output}");
+    assert!(
+        !other.socket().exists(),
+        "the second daemon bound its socket"
+    );
+
+    let pull = start_pull(&first, "t/shared@1").await;
+    let pull = wait_staged(&first, &pull_id(&pull)).await;
+    assert_staged_blob(&node, &pull, &body);
+}

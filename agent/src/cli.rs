@@ -284,7 +284,7 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
     runtime()?.block_on(async {
         crate::daemon::serve(config, control_plane, http)
             .await
-            .map_err(|e| Failure::runtime("io_error", crate::errors::Chain(&e).to_string()))
+            .map_err(|e| Failure::runtime(e.code(), crate::errors::Chain(&e).to_string()))
     })
 }
 

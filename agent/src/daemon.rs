@@ -60,6 +60,69 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    #[error("another daemon{} serves the state dir {}", holder.map(|p| format!(" (pid {p})")).unwrap_or_default(), path.display())]
+    InUse {
+        path: std::path::PathBuf,
+        holder: Option<u32>,
+    },
+    #[error("cannot lock {}", path.display())]
+    Lock {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl DaemonError {
+    /// The stable code printed as `error[code]` when the daemon cannot start or stops.
+    pub fn code(&self) -> &'static str {
+        match self {
+            DaemonError::Stage(e) => e.code(),
+            DaemonError::InUse { .. } => "state_dir_in_use",
+            DaemonError::Lock { source, .. } | DaemonError::Leases { source, .. } => {
+                crate::errors::io_code(source)
+            }
+            DaemonError::Bind { .. } | DaemonError::Store { .. } => "io_error",
+        }
+    }
+}
+
+/// Makes this the one daemon of its state dir: an exclusive lock on `<state_dir>/daemon.lock`,
+/// held for the life of the returned file, which names this process's pid. Two daemons on one
+/// state dir would each keep their own leases and queue, and evict what the other leased. A
+/// `fetch` takes no such lock: it coordinates through the per-ingest locks.
+fn lock_state_dir(state_dir: &std::path::Path) -> Result<std::fs::File, DaemonError> {
+    use std::io::{Read, Seek, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = state_dir.join("daemon.lock");
+    let fail = |source| DaemonError::Lock {
+        path: path.clone(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(fail)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            let holder = text.trim().parse().ok();
+            return Err(DaemonError::InUse { path, holder });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(fail(e)),
+    }
+    file.set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| writeln!(file, "{}", std::process::id()))
+        .map_err(fail)?;
+    Ok(file)
 }
 
 /// Who may use the socket.
@@ -100,6 +163,7 @@ pub async fn serve(
 ) -> Result<(), DaemonError> {
     let (control_plane, check) = probe::watch(&config, control_plane);
     let stager = Arc::new(Stager::new(config.clone(), control_plane, http)?);
+    let _one_daemon = lock_state_dir(&config.state_dir)?;
     let path = config.state_dir.join("leases.json");
     let leases =
         Leases::load(path.clone()).map_err(|source| DaemonError::Leases { path, source })?;

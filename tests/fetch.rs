@@ -778,6 +778,26 @@ async fn a_content_range_other_than_asked_is_a_bad_source_response() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_range_longer_than_announced_is_a_bad_source_response() {
+    let (setup, origin) = (Setup::new(), Origin::start().await);
+    let body = pseudo_random(300_000, 27);
+    publish(&setup, &origin, "t/long@1", "/blob", &body);
+    origin.set_fault("/blob", Fault::Overlong { extra: 100 });
+
+    let run = setup.fetch("t/long@1").await;
+
+    run.error("bad_source_response");
+    run.assert_event("failed", Some("bad_source_response"));
+    assert!(setup.blobs().is_empty());
+
+    // What was kept for a resume holds no byte past its ranges: once the origin behaves, the
+    // resumed blob verifies.
+    origin.clear_fault("/blob");
+    let run = setup.fetch("t/long@1").await;
+    assert_published(&setup, &run, &body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_object_is_source_not_found() {
     let (setup, origin) = (Setup::new(), Origin::start().await);
     let hex = sha256_hex(b"gone");

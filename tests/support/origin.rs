@@ -72,6 +72,9 @@ pub enum Fault {
     WrongContentRange,
     /// No `ETag` and no `Last-Modified`.
     NoValidator,
+    /// 206 answers are sent chunked (no `Content-Length`), with `extra` bytes past the range
+    /// they announce in `Content-Range`.
+    Overlong { extra: u64 },
 }
 
 /// One request as received, with the status it was answered with.
@@ -355,6 +358,7 @@ impl Inner {
             Fault::IgnoreRange => quirks.ignore_range = true,
             Fault::WrongContentRange => quirks.wrong_range = true,
             Fault::NoValidator => quirks.no_validator = true,
+            Fault::Overlong { extra } => quirks.overlong = Some(extra),
             Fault::CutBody { after, times } if first_uses(times) => {
                 quirks.stop = Some((Stop::Cut, after));
             }
@@ -490,6 +494,7 @@ struct Quirks {
     wrong_range: bool,
     no_validator: bool,
     stop: Option<(Stop, u64)>,
+    overlong: Option<u64>,
 }
 
 fn serve_object(object: &Object, ask: &Logged, quirks: &Quirks) -> Reply {
@@ -504,7 +509,13 @@ fn serve_object(object: &Object, ask: &Logged, quirks: &Quirks) -> Reply {
         Wanted::Unsatisfiable => {
             Reply::empty(416).with(header::CONTENT_RANGE, format!("bytes */{total}"))
         }
-        Wanted::Slice(first, last) => partial(&object.body, first, last, quirks.wrong_range),
+        Wanted::Slice(first, last) => {
+            let reply = partial(&object.body, first, last, quirks.wrong_range);
+            match quirks.overlong {
+                Some(extra) => reply.overlong(extra),
+                None => reply,
+            }
+        }
         Wanted::Whole => Reply::bytes(200, object.body.clone()),
     };
     let reply = with_representation_headers(reply, object, quirks.no_validator);
@@ -634,6 +645,8 @@ struct Reply {
     body: Bytes,
     declared: u64,
     stop: Option<Stop>,
+    /// Sent without `Content-Length`.
+    chunked: bool,
 }
 
 impl Reply {
@@ -649,7 +662,18 @@ impl Reply {
             body,
             declared,
             stop: None,
+            chunked: false,
         }
+    }
+
+    /// Appends `extra` bytes past what the answer announces, and sends it chunked.
+    fn overlong(mut self, extra: u64) -> Reply {
+        let mut body = self.body.to_vec();
+        body.resize(body.len() + extra as usize, 0xee);
+        self.body = Bytes::from(body);
+        self.declared = self.body.len() as u64;
+        self.chunked = true;
+        self
     }
 
     fn with(mut self, name: HeaderName, value: impl Into<String>) -> Reply {
@@ -713,6 +737,7 @@ struct Payload {
     stop: Option<Stop>,
     grace: Option<Pin<Box<Sleep>>>,
     tally: Tally,
+    chunked: bool,
 }
 
 impl Payload {
@@ -728,6 +753,7 @@ impl Payload {
             stop,
             grace: None,
             tally,
+            chunked: reply.chunked,
         }
     }
 
@@ -776,6 +802,9 @@ impl Body for Payload {
     }
 
     fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.remaining)
+        match self.chunked {
+            true => SizeHint::default(),
+            false => SizeHint::with_exact(self.remaining),
+        }
     }
 }

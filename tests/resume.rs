@@ -438,8 +438,12 @@ async fn a_kill_during_publish_leaves_no_blob_or_the_whole_verified_one() {
             "{point}"
         );
         assert_eq!(fs::read(&blob).unwrap(), body, "{point}");
-        let mode = fs::metadata(&blob).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o444, "{point}");
+        let meta = fs::metadata(&blob).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o444, "{point}");
+        if running_as_root() {
+            use std::os::unix::fs::MetadataExt;
+            assert_eq!(meta.uid(), NOBODY, "{point}: the blob is not the service user's");
+        }
         assert!(setup.ingest_is_empty(), "{point}: files left in ingest/");
     }
 }

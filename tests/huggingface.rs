@@ -113,7 +113,8 @@ async fn the_hub_token_goes_to_the_hub_and_never_to_the_cdn() {
     hub.put(REPO, FILE, body.clone());
     hub.make_private(REPO, HF_TOKEN);
     let plane = Plane::start().await;
-    let setup = node(&hub);
+    let mut setup = node(&hub);
+    setup.env("BLOBSTAGE_LOG", "trace");
     plane.configure(&setup, "node-token");
     plane.register(artifact("t/w@1", &hub.uri(REPO, None, FILE), &body));
     let token = json!({"kind": "bearer", "token": HF_TOKEN});
@@ -129,7 +130,12 @@ async fn the_hub_token_goes_to_the_hub_and_never_to_the_cdn() {
     );
     assert_each_range_once(&hub);
     assert_no_token_reached_the_cdn(&hub);
+    assert!(run.stderr.contains("TRACE"), "TRACE logging was not on");
     assert!(!run.stderr.contains(HF_TOKEN), "{}", run.stderr);
+    let events = serde_json::to_string(&plane.events()).unwrap();
+    assert!(!events.contains(HF_TOKEN), "{events}");
+    let files = support::agent::files_containing(&setup.state_dir(), HF_TOKEN);
+    assert!(files.is_empty(), "{files:?}");
     assert_eq!(plane.issued("t/w@1"), 1);
 }
 

@@ -15,6 +15,8 @@ pub mod config;
 pub mod daemon;
 pub mod digest;
 pub mod errors;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod logs;
 pub mod metrics;
 pub mod policy;

@@ -158,7 +158,7 @@ pub fn open<C: Cloud>(
 /// Splits `scheme://bucket/key` into the bucket and the key's path. The key is taken as written
 /// (not percent-decoded), and must not be empty, end with `/`, or have empty, `.` or `..`
 /// segments: object_store could not address such a key exactly.
-pub(super) fn split_uri<'u>(uri: &'u str, scheme: &str) -> Result<(&'u str, Path), SourceError> {
+pub(crate) fn split_uri<'u>(uri: &'u str, scheme: &str) -> Result<(&'u str, Path), SourceError> {
     let invalid = |reason: &str| SourceError::InvalidUri {
         uri: Redacted::uri(uri),
         reason: reason.to_owned(),

@@ -80,18 +80,18 @@ impl RepoKind {
 
 /// An `hf://` URI, parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct HubFile {
+pub(crate) struct HubFile {
     kind: RepoKind,
-    org: String,
-    name: String,
+    pub(crate) org: String,
+    pub(crate) name: String,
     /// The revision written after `@`, decoded; `None` when the URI names none.
-    revision: Option<String>,
+    pub(crate) revision: Option<String>,
     /// The file's path inside the repository, as written.
-    path: String,
+    pub(crate) path: String,
 }
 
 impl HubFile {
-    fn parse(uri: &str) -> Result<HubFile, String> {
+    pub(crate) fn parse(uri: &str) -> Result<HubFile, String> {
         let rest = uri
             .strip_prefix("hf://")
             .ok_or("a huggingface uri starts with hf://")?;
@@ -125,7 +125,7 @@ impl HubFile {
     }
 
     /// `{type prefix}{org}/{repo}`, as Hub URLs spell it.
-    fn repo(&self) -> String {
+    pub(crate) fn repo(&self) -> String {
         format!("{}{}/{}", self.kind.prefix(), self.org, self.name)
     }
 }
@@ -228,7 +228,7 @@ fn revision_of(
 }
 
 /// `{endpoint}/{repo}/resolve/{revision}/{path}`, revision and path percent-encoded.
-fn resolve_url(endpoint: &Url, repo: &str, revision: &str, path: &str) -> Url {
+pub(crate) fn resolve_url(endpoint: &Url, repo: &str, revision: &str, path: &str) -> Url {
     let base = endpoint.as_str().trim_end_matches('/');
     let revision = utf8_percent_encode(revision, REVISION);
     let path = utf8_percent_encode(path, FILE_PATH);
@@ -239,13 +239,13 @@ fn resolve_url(endpoint: &Url, repo: &str, revision: &str, path: &str) -> Url {
 /// A Hub URL of a repository's file, read back: the repository (`datasets/org/name`), its
 /// organisation, and the file path after the revision, as encoded in the URL.
 #[derive(Debug, PartialEq, Eq)]
-struct ResolvePath<'a> {
-    repo: &'a str,
-    org: &'a str,
-    file: &'a str,
+pub(crate) struct ResolvePath<'a> {
+    pub(crate) repo: &'a str,
+    pub(crate) org: &'a str,
+    pub(crate) file: &'a str,
 }
 
-fn resolve_path<'a>(endpoint: &Url, url: &'a Url) -> Option<ResolvePath<'a>> {
+pub(crate) fn resolve_path<'a>(endpoint: &Url, url: &'a Url) -> Option<ResolvePath<'a>> {
     if !same_origin(url, endpoint) {
         return None;
     }

@@ -83,7 +83,7 @@ impl Journal {
         Journal::decode(&text).map(Some)
     }
 
-    fn decode(text: &[u8]) -> Result<Journal, JournalError> {
+    pub(crate) fn decode(text: &[u8]) -> Result<Journal, JournalError> {
         let newline = text
             .iter()
             .position(|b| *b == b'\n')
@@ -105,7 +105,7 @@ impl Journal {
         Ok(journal)
     }
 
-    fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let body = serde_json::to_vec(self).expect("journals always serialize");
         let mut text = checksum(&body).into_bytes();
         text.push(b'\n');

@@ -360,6 +360,12 @@ impl Config {
         let mut config: Config = table
             .try_into()
             .map_err(|e: toml::de::Error| parse_error(e.to_string()))?;
+        // Before paths are resolved: an empty path would resolve to the file's directory.
+        if config.api.socket.as_os_str().is_empty() || config.state_dir.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid(
+                "api.socket and state_dir must not be empty".into(),
+            ));
+        }
         config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
         config.validate()?;
         Ok(config)
@@ -396,6 +402,7 @@ impl Config {
             }
         };
         resolve(&mut self.state_dir);
+        resolve(&mut self.api.socket);
         resolve(&mut self.sources.artifact_store.root);
         let optional = [
             &mut self.control_plane.registry,

@@ -30,7 +30,7 @@ impl Redacted {
             Ok(url) => Redacted::url(&url),
             Err(_) => {
                 let end = uri.find(['?', '#']).unwrap_or(uri.len());
-                let shown: String = uri[..end]
+                let shown: String = without_userinfo(&uri[..end])
                     .chars()
                     .filter(|c| !c.is_control())
                     .take(256)
@@ -38,6 +38,21 @@ impl Redacted {
                 Redacted(shown)
             }
         }
+    }
+}
+
+/// `text` without what a URI parser could take for userinfo: anything up to the last `@` of
+/// the authority (after `scheme:` and an optional `//`, up to the first `/`).
+fn without_userinfo(text: &str) -> String {
+    let Some(colon) = text.find(':') else {
+        return text.to_owned();
+    };
+    let rest = text[colon + 1..].trim_start_matches('/');
+    let prefix = &text[..text.len() - rest.len()];
+    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+    match authority.rfind('@') {
+        Some(at) => format!("{prefix}{}", &rest[at + 1..]),
+        None => text.to_owned(),
     }
 }
 
@@ -56,6 +71,19 @@ impl fmt::Debug for Redacted {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_uri_that_does_not_parse_loses_its_userinfo_too() {
+        for (uri, shown) in [
+            ("http://user:pw@qil]es/a?x", "http://qil]es/a"),
+            ("s3://user:SECRET42@/models/w.bin", "s3:///models/w.bin"),
+            ("https:user@host]/p", "https:host]/p"),
+            ("not a url", "not a url"),
+            ("x://a/b@c", "x://a/b@c"),
+        ] {
+            assert_eq!(Redacted::uri(uri).to_string(), shown, "{uri}");
+        }
+    }
 
     #[test]
     fn strips_userinfo_query_and_fragment() {

@@ -23,9 +23,15 @@ pub struct FileControlPlane {
     events_log: PathBuf,
 }
 
-#[derive(Deserialize)]
-struct Registry {
-    artifacts: Vec<serde_json::Value>,
+/// The registry file's entries: it must be a JSON object whose `artifacts` is an array. (A
+/// derived struct would read an array as well: serde takes a struct's fields from a sequence.)
+fn registry_entries(text: &[u8]) -> Result<Vec<serde_json::Value>, String> {
+    let mut object: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(text).map_err(|e| e.to_string())?;
+    match object.remove("artifacts") {
+        Some(serde_json::Value::Array(artifacts)) => Ok(artifacts),
+        _ => Err("it has no \"artifacts\" array".into()),
+    }
 }
 
 /// Development credentials may sit beside a registration in the file.
@@ -53,12 +59,10 @@ impl FileControlPlane {
                 what: format!("cannot read registry {}", self.registry.display()),
                 source,
             })?;
-        let registry: Registry =
-            serde_json::from_slice(&text).map_err(|e| ControlPlaneError::Malformed {
-                what: format!("registry {} is not valid: {e}", self.registry.display()),
-            })?;
-        let mut matching = registry
-            .artifacts
+        let artifacts = registry_entries(&text).map_err(|e| ControlPlaneError::Malformed {
+            what: format!("registry {} is not valid: {e}", self.registry.display()),
+        })?;
+        let mut matching = artifacts
             .into_iter()
             .filter(|entry| entry.get("id").and_then(|v| v.as_str()) == Some(id.as_str()));
         let entry = matching

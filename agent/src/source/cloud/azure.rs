@@ -26,7 +26,7 @@ impl Cloud for Azure {
     fn locate(uri: &str, config: &Config) -> Result<Location, SourceError> {
         match uri.starts_with("az://") {
             true => configured_account(uri, config),
-            false => account_url(uri),
+            false => account_url(uri, config),
         }
     }
 
@@ -78,23 +78,49 @@ fn configured_account(uri: &str, config: &Config) -> Result<Location, SourceErro
     })
 }
 
+/// The domains of Azure Blob Storage's public and sovereign clouds: `<account>.blob.<domain>`.
+const AZURE_BLOB_DOMAINS: &[&str] = &[
+    "core.windows.net",
+    "core.chinacloudapi.cn",
+    "core.usgovcloudapi.net",
+];
+
 /// `https://account.blob.core.windows.net/container/blob`: the URI names its account and
-/// endpoint. Its path is percent-decoded, as in any URL.
-fn account_url(uri: &str) -> Result<Location, SourceError> {
+/// endpoint, which must be Azure's (a public or sovereign cloud's blob domain) or the host of
+/// `[sources.azure_blob] endpoint`: an account allow entry must not admit a look-alike host,
+/// which would be handed the SAS. Its path is percent-decoded, as in any URL.
+fn account_url(uri: &str, config: &Config) -> Result<Location, SourceError> {
     let invalid = |reason: &str| SourceError::InvalidUri {
         uri: Redacted::uri(uri),
         reason: reason.to_owned(),
     };
     let url = Url::parse(uri).map_err(|e| invalid(&e.to_string()))?;
     let host = url.host_str().unwrap_or_default();
-    let account = match host.split_once('.') {
-        Some((account, rest)) if url.scheme() == "https" && rest.starts_with("blob.") => account,
+    let (account, domain) = match host.split_once(".blob.") {
+        Some(parts) if url.scheme() == "https" => parts,
         _ => {
             return Err(invalid(
                 "neither az:// nor https://<account>.blob.<domain>/",
             ));
         }
     };
+    let configured = config.sources.azure_blob.endpoint.as_deref();
+    let configured_host = configured.and_then(|e| Url::parse(e).ok());
+    let configured_host = configured_host.as_ref().and_then(Url::host_str);
+    if !AZURE_BLOB_DOMAINS.contains(&domain) && configured_host != Some(host) {
+        return Err(invalid(
+            "the host is neither an Azure Blob endpoint nor [sources.azure_blob] endpoint's",
+        ));
+    }
+    let account_ok = (3..=24).contains(&account.len())
+        && account
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if !account_ok {
+        return Err(invalid(
+            "the account name is not 3-24 lowercase letters and digits",
+        ));
+    }
     if url.query().is_some() || url.fragment().is_some() {
         return Err(invalid(
             "a query or fragment in the URI (credentials come from the control plane)",
@@ -104,8 +130,10 @@ fn account_url(uri: &str) -> Result<Location, SourceError> {
         .ok_or_else(|| invalid("the path is not UTF-8"))?;
     let decoded = format!("az://{decoded}");
     let (container, path) = split_uri(&decoded, "az://")?;
+    let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
+    let endpoint = format!("https://{host}{port}");
     Ok(Location {
-        endpoint: Url::parse(&format!("https://{host}")).map_err(|e| invalid(&e.to_string()))?,
+        endpoint: Url::parse(&endpoint).map_err(|e| invalid(&e.to_string()))?,
         account: Some(account.to_owned()),
         bucket: container.to_owned(),
         path,
@@ -164,11 +192,28 @@ mod tests {
             "https://acct.blob.core.windows.net/models/w.bin?sig=x",
             "https://acct.blob.core.windows.net/models",
             "https://acct.blob.core.windows.net/models/%zz",
+            "https://acct.blob.attacker.example/models/w.bin",
+            "https://acct.blob.core.windows.net.attacker.example/models/w.bin",
+            "https://.blob.core.windows.net/models/w.bin",
+            "https://a.blob.core.windows.net/models/w.bin",
         ] {
             let err = Azure::locate(bad, &none).unwrap_err();
             assert_eq!(err.code(), "invalid_source_uri", "{bad}");
             assert!(!err.to_string().contains("sig=x"), "{err}");
         }
+    }
+
+    #[test]
+    fn a_sovereign_cloud_a_configured_host_and_a_port_are_kept() {
+        let china = "https://acct.blob.core.chinacloudapi.cn/models/w.bin";
+        let l = Azure::locate(china, &config("")).unwrap();
+        assert_eq!(l.endpoint.as_str(), "https://acct.blob.core.chinacloudapi.cn/");
+        let stack = config("[sources.azure_blob]\nendpoint = 'https://acct.blob.stack.lab'");
+        let on_stack = "https://acct.blob.stack.lab:8443/models/w.bin";
+        let l = Azure::locate(on_stack, &stack).unwrap();
+        assert_eq!(l.endpoint.as_str(), "https://acct.blob.stack.lab:8443/");
+        let other_host = "https://acct.blob.elsewhere.lab/models/w.bin";
+        assert!(Azure::locate(other_host, &stack).is_err());
     }
 
     #[test]

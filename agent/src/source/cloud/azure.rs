@@ -207,7 +207,10 @@ mod tests {
     fn a_sovereign_cloud_a_configured_host_and_a_port_are_kept() {
         let china = "https://acct.blob.core.chinacloudapi.cn/models/w.bin";
         let l = Azure::locate(china, &config("")).unwrap();
-        assert_eq!(l.endpoint.as_str(), "https://acct.blob.core.chinacloudapi.cn/");
+        assert_eq!(
+            l.endpoint.as_str(),
+            "https://acct.blob.core.chinacloudapi.cn/"
+        );
         let stack = config("[sources.azure_blob]\nendpoint = 'https://acct.blob.stack.lab'");
         let on_stack = "https://acct.blob.stack.lab:8443/models/w.bin";
         let l = Azure::locate(on_stack, &stack).unwrap();

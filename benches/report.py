@@ -37,9 +37,15 @@ def read_tsv(name):
         return [line.rstrip("\n").split("\t") for line in f if line.strip()]
 
 
+# A key written by several invocations (RESULTS_DIR): the values joined, except the settings
+# (var_*) and load averages, where each part's own is kept by its key and the last one wins.
 meta = {}
 for row in read_tsv("meta.tsv"):
-    meta[row[0]] = row[1] if len(row) > 1 else ""
+    k, v = row[0], (row[1] if len(row) > 1 else "")
+    if k in meta and k in ("started", "duration_s", "commit", "dirty", "load_start", "var_PARTS"):
+        meta[k] = f"{meta[k]}; {v}" if meta[k] != v else v
+    else:
+        meta[k] = v
 
 
 def var(name, default=""):
@@ -117,6 +123,11 @@ headline = []  # (metric, target, measured, verdict)
 # ------------------------------------------------------------------ machine
 
 md.append(f"# blobstage benchmark suite, {meta.get('started', '?')}")
+if "; " in meta.get("started", ""):
+    md.append("")
+    md.append("Results of more than one invocation of `benches/run.sh` (the later ones with "
+              "`RESULTS_DIR` set, adding parts); the settings below are the last invocation's, and "
+              "each part's load average is from the invocation that ran it.")
 md.append("")
 md.append("Produced by `benches/run.sh` (see `benches/README.md`). MB/s = 10^6 bytes per second; "
           "RSS in MiB. Medians over runs, spread as min–max.")
@@ -134,7 +145,7 @@ for k, v in [("nproc", nproc), ("CPU model", cpu), ("SHA-NI", sha), ("memory", m
              ("load average (1, 5, 15 min) at start", meta.get("load_start")),
              *[(f"load average before part {p}", meta.get(f"load_part{p}")) for p in "12345" if meta.get(f"load_part{p}")],
              ("load average at end", meta.get("load_end")),
-             ("duration of the whole run", f"{int(meta.get('duration_s', 0)) / 60:.1f} min" if meta.get("duration_s") else "?"),
+             ("duration (per invocation)", "; ".join(f"{int(d) / 60:.1f} min" for d in meta.get("duration_s", "").split("; ") if d.isdigit()) or "?"),
              ("tools", meta.get("versions")),
              ("settings", ", ".join(f"{k[4:]}={v}" for k, v in meta.items() if k.startswith("var_")))]:
     md.append(f"| {k} | {v} |")

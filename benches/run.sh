@@ -385,7 +385,7 @@ EOF
         log "part 4 run $run: $json; daemon ticks user/sys $stat, peak RSS $hwm KiB"
         # Spot-check one published blob against its sha256 (untimed).
         local one
-        one=$(find "$WORK/dstate/blobs" -type f 2>/dev/null | head -n 1)
+        one=$(find "$WORK/dstate/blobs" -type f -print -quit 2>/dev/null)
         [[ -z $one ]] || grep -q "^$(sha256sum "$one" | awk '{ print $1 }') " "$WORK/small.sums" ||
             { FAILED=1; log "part 4: $one matches no small blob's sha256"; }
     done
@@ -423,12 +423,18 @@ main() {
     build_blobstage
     make_workdir
     check_disk
-    OUT="$REPO_ROOT/bench-results/$(date -u '+%Y-%m-%d-%H%M%S')"
-    mkdir -p "$OUT"
-    : >"$OUT/raw.tsv"
-    : >"$OUT/phases.tsv"
-    : >"$OUT/small.tsv"
-    : >"$OUT/meta.tsv"
+    if [[ -n ${RESULTS_DIR:-} ]]; then
+        # Add the parts of this invocation to an earlier one's results (e.g. a part that failed).
+        OUT=$(cd "$RESULTS_DIR" && pwd) || die "RESULTS_DIR $RESULTS_DIR does not exist"
+        touch "$OUT/raw.tsv" "$OUT/phases.tsv" "$OUT/small.tsv" "$OUT/meta.tsv"
+    else
+        OUT="$REPO_ROOT/bench-results/$(date -u '+%Y-%m-%d-%H%M%S')"
+        mkdir -p "$OUT"
+        : >"$OUT/raw.tsv"
+        : >"$OUT/phases.tsv"
+        : >"$OUT/small.tsv"
+        : >"$OUT/meta.tsv"
+    fi
     log "results: $OUT"
 
     meta started "$(date -u '+%Y-%m-%d %H:%M:%S UTC')"

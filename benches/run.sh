@@ -61,7 +61,7 @@ KEEP_WORKDIR=${KEEP_WORKDIR:-0}
 BENCH_PORT=${BENCH_PORT:-18080}
 
 ARTIFACT_ID="bench/blob@1"
-LOG_TAG=run-bench
+LOG_TAG="run-bench"
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=benches/lib.sh
 source "$SCRIPT_DIR/lib.sh"
@@ -194,8 +194,11 @@ url_of() { printf 'http://127.0.0.1:%s/%s' "$PORT" "$1"; }
 
 # tool_cmd TOOL STREAMS URLPATH HEX: sets CMD to the command that gets a verified copy of the
 # blob into $WORK/dl/file (curl: an unverified copy; openssl: only the hash of the served file).
+# shellcheck disable=SC2016 # expanded by the inner bash, from its arguments
 PIPE_SH='set -o pipefail; h=$(curl -s --fail --noproxy "*" "$1" | tee "$2" | openssl dgst -sha256 -r | cut -d" " -f1); [ "$h" = "$3" ]'
+# shellcheck disable=SC2016
 RCLONE_SH='rclone copyto --config /dev/null -q --http-url "$5" ":http:$1" "$2" --multi-thread-streams "$3" --multi-thread-cutoff 1M && echo "$4  $2" | sha256sum -c --quiet -'
+# shellcheck disable=SC2016
 HF_SH='"$5" -c "import sys, hf_transfer; hf_transfer.download(sys.argv[1], sys.argv[2], max_files=int(sys.argv[3]), chunk_size=16 << 20)" "$1" "$2" "$3" && echo "$4  $2" | sha256sum -c --quiet -'
 CMD=()
 tool_cmd() {
@@ -325,7 +328,8 @@ part4() {
         head -c $((SMALL_COUNT * SMALL_KIB * 1024)) |
         (cd "$dir" && split -b $((SMALL_KIB * 1024)) -a 6 -d - s) || true
     chmod 644 "$dir"/s*
-    ((i = $(find "$dir" -type f -name 's*' | wc -l))) && ((i == SMALL_COUNT)) || die "wrote $i small blobs, wanted $SMALL_COUNT"
+    i=$(find "$dir" -type f -name 's*' | wc -l)
+    ((i == SMALL_COUNT)) || die "wrote $i small blobs, wanted $SMALL_COUNT"
     sync
     (cd "$dir" && sha256sum s*) >"$WORK/small.sums"
     {
@@ -359,11 +363,15 @@ source_type = "https"
 host = "127.0.0.1"
 insecure_http = true
 EOF
+    # The configuration loader refuses unknown BLOBSTAGE_* variables: the daemon gets none.
+    local unset_vars=() v
+    for v in $(compgen -e); do
+        if [[ $v == BLOBSTAGE_* ]]; then unset_vars+=(-u "$v"); fi
+    done
     for ((run = 1; run <= SMALL_RUNS; run++)); do
         rm -rf "$WORK/dstate" "$WORK/devents.jsonl" "$WORK/agent.sock"
         sync
-        env $(env | awk -F= '/^BLOBSTAGE_/ { printf "-u %s ", $1 }') \
-            "$BLOBSTAGE_BIN" serve --config "$WORK/daemon.toml" >"$WORK/daemon.log" 2>&1 </dev/null &
+        env "${unset_vars[@]}" "$BLOBSTAGE_BIN" serve --config "$WORK/daemon.toml" >"$WORK/daemon.log" 2>&1 </dev/null &
         DAEMON_PID=$!
         for ((i = 0; i < 200; i++)); do
             [[ -S $WORK/agent.sock ]] && break

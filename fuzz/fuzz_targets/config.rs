@@ -73,12 +73,10 @@ fn assert_usable(config: &Config) {
 
 fn assert_paths_absolute(config: &Config) {
     let cp = &config.control_plane;
-    // Known bug: `[api] socket` is not resolved against the file's directory, a relative one
-    // stays relative (fuzz/corpus/config/crash-relative-socket; the ignored test in
-    // agent/src/fuzzing.rs). Until it is fixed, the socket is left out.
-    let paths: [Option<&PathBuf>; 7] = [
+    let paths: [Option<&PathBuf>; 8] = [
         Some(&config.state_dir),
         Some(&config.sources.artifact_store.root),
+        Some(&config.api.socket),
         cp.registry.as_ref(),
         cp.events_log.as_ref(),
         cp.token_file.as_ref(),

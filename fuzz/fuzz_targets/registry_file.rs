@@ -54,13 +54,6 @@ fn entries(data: &[u8]) -> Option<Vec<Value>> {
             Value::Array(entries) => Some(entries),
             _ => None,
         },
-        // Known bug: `[[...]]` is read as `{"artifacts": [...]}` (serde reads a struct from a
-        // sequence of its fields; fuzz/corpus/registry_file/crash-array-registry; the ignored
-        // test in agent/src/fuzzing.rs). Until it is fixed, that form is taken as the registry.
-        Value::Array(mut outer) if outer.len() == 1 => match outer.pop()? {
-            Value::Array(entries) => Some(entries),
-            _ => None,
-        },
         _ => None,
     }
 }

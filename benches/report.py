@@ -147,6 +147,7 @@ for k, v in [("nproc", nproc), ("CPU model", cpu), ("SHA-NI", sha), ("memory", m
              ("load average at end", meta.get("load_end")),
              ("duration (per invocation)", "; ".join(f"{int(d) / 60:.1f} min" for d in meta.get("duration_s", "").split("; ") if d.isdigit()) or "?"),
              ("tools", meta.get("versions")),
+             *([("note", meta["note"])] if meta.get("note") else []),
              ("settings", ", ".join(f"{k[4:]}={v}" for k, v in meta.items() if k.startswith("var_")))]:
     md.append(f"| {k} | {v} |")
 md.append("")

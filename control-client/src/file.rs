@@ -1,14 +1,18 @@
 //! The file-backed control plane: the embedded default for a node with no platform around it.
 //!
-//! Registrations come from a JSON file (`{"artifacts": [...]}`) that is read on every lookup,
-//! so edits take effect without a restart. Events are appended to a JSON-lines log and
+//! Registrations come from a JSON file (`{"artifacts": [...]}`) that is looked at on every
+//! lookup, so edits take effect without a restart; it is parsed again only when its identity,
+//! size or change time differ from the last parse (a registry of thousands of entries would
+//! otherwise be parsed whole for every pull). Events are appended to a JSON-lines log and
 //! `fdatasync`ed before `report` returns. An entry that does not validate is refused on its own;
 //! it does not make the other entries unusable.
 
+use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::Deserialize;
 
@@ -21,6 +25,22 @@ use crate::{
 pub struct FileControlPlane {
     registry: PathBuf,
     events_log: PathBuf,
+    parsed: Arc<Mutex<Option<Parsed>>>,
+}
+
+/// The registry as last parsed: its entries by id, and what the file looked like then.
+#[derive(Debug)]
+struct Parsed {
+    stamp: Stamp,
+    by_id: Arc<HashMap<String, Vec<serde_json::Value>>>,
+}
+
+/// What tells one version of the registry file from another: device, inode, size and change
+/// time (nanoseconds; any write or rename sets it).
+type Stamp = (u64, u64, u64, i64, i64);
+
+fn stamp(meta: &std::fs::Metadata) -> Stamp {
+    (meta.dev(), meta.ino(), meta.len(), meta.ctime(), meta.ctime_nsec())
 }
 
 /// The registry file's entries: it must be a JSON object whose `artifacts` is an array. (A
@@ -46,6 +66,7 @@ impl FileControlPlane {
         FileControlPlane {
             registry: registry.into(),
             events_log: events_log.into(),
+            parsed: Arc::default(),
         }
     }
 
@@ -54,27 +75,61 @@ impl FileControlPlane {
     }
 
     fn entry(&self, id: &ArtifactId) -> Result<serde_json::Value, ControlPlaneError> {
-        let text =
-            std::fs::read(&self.registry).map_err(|source| ControlPlaneError::Unavailable {
-                what: format!("cannot read registry {}", self.registry.display()),
-                source,
-            })?;
-        let artifacts = registry_entries(&text).map_err(|e| ControlPlaneError::Malformed {
-            what: format!("registry {} is not valid: {e}", self.registry.display()),
-        })?;
-        let mut matching = artifacts
-            .into_iter()
-            .filter(|entry| entry.get("id").and_then(|v| v.as_str()) == Some(id.as_str()));
-        let entry = matching
-            .next()
-            .ok_or_else(|| ControlPlaneError::NotRegistered { id: id.clone() })?;
-        if matching.next().is_some() {
-            return Err(invalid(
+        let unreadable = |source| ControlPlaneError::Unavailable {
+            what: format!("cannot read registry {}", self.registry.display()),
+            source,
+        };
+        let mut file = std::fs::File::open(&self.registry).map_err(unreadable)?;
+        let stamp = stamp(&file.metadata().map_err(unreadable)?);
+        let by_id = match self.cached(stamp) {
+            Some(by_id) => by_id,
+            None => {
+                let mut text = Vec::new();
+                std::io::Read::read_to_end(&mut file, &mut text).map_err(unreadable)?;
+                self.parse(&text, stamp)?
+            }
+        };
+        match by_id.get(id.as_str()).map(Vec::as_slice) {
+            None | Some([]) => Err(ControlPlaneError::NotRegistered { id: id.clone() }),
+            Some([entry]) => Ok(entry.clone()),
+            Some(_) => Err(invalid(
                 id,
                 "the registry holds this id more than once".into(),
-            ));
+            )),
         }
-        Ok(entry)
+    }
+
+    /// The registry's entries by id, as parsed from `text` (the file at `stamp`).
+    fn parse(
+        &self,
+        text: &[u8],
+        stamp: Stamp,
+    ) -> Result<Arc<HashMap<String, Vec<serde_json::Value>>>, ControlPlaneError> {
+        let artifacts = registry_entries(text).map_err(|e| ControlPlaneError::Malformed {
+            what: format!("registry {} is not valid: {e}", self.registry.display()),
+        })?;
+        let mut by_id: HashMap<String, Vec<serde_json::Value>> = HashMap::new();
+        for entry in artifacts {
+            if let Some(id) = entry.get("id").and_then(|v| v.as_str()) {
+                by_id.entry(id.to_owned()).or_default().push(entry);
+            }
+        }
+        let by_id = Arc::new(by_id);
+        let parsed = Parsed {
+            stamp,
+            by_id: by_id.clone(),
+        };
+        *self.parsed.lock().unwrap_or_else(PoisonError::into_inner) = Some(parsed);
+        Ok(by_id)
+    }
+
+    /// The entries of the last parse, if the file has not changed since.
+    fn cached(&self, stamp: Stamp) -> Option<Arc<HashMap<String, Vec<serde_json::Value>>>> {
+        let parsed = self.parsed.lock().unwrap_or_else(PoisonError::into_inner);
+        parsed
+            .as_ref()
+            .filter(|p| p.stamp == stamp)
+            .map(|p| p.by_id.clone())
     }
 
     fn lookup(&self, id: &ArtifactId) -> Result<Artifact, ControlPlaneError> {
@@ -198,6 +253,31 @@ mod tests {
         );
         assert_eq!(
             cp.resolve(&id("missing")).await.unwrap_err().code(),
+            "not_registered"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_edited_registry_is_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = plane(dir.path(), json!([artifact("a@1")]));
+        assert!(cp.resolve(&id("a@1")).await.is_ok());
+        assert_eq!(
+            cp.resolve(&id("b@1")).await.unwrap_err().code(),
+            "not_registered"
+        );
+
+        // Rewritten in place (same inode) and replaced by a rename (a new one).
+        let registry = cp.registry_path().to_owned();
+        let both = json!({ "artifacts": [artifact("a@1"), artifact("b@1")] });
+        std::fs::write(&registry, both.to_string()).unwrap();
+        assert!(cp.resolve(&id("b@1")).await.is_ok());
+        let only_c = json!({ "artifacts": [artifact("c@1")] });
+        std::fs::write(dir.path().join("next.json"), only_c.to_string()).unwrap();
+        std::fs::rename(dir.path().join("next.json"), &registry).unwrap();
+        assert!(cp.resolve(&id("c@1")).await.is_ok());
+        assert_eq!(
+            cp.resolve(&id("a@1")).await.unwrap_err().code(),
             "not_registered"
         );
     }

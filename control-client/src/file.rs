@@ -40,7 +40,13 @@ struct Parsed {
 type Stamp = (u64, u64, u64, i64, i64);
 
 fn stamp(meta: &std::fs::Metadata) -> Stamp {
-    (meta.dev(), meta.ino(), meta.len(), meta.ctime(), meta.ctime_nsec())
+    (
+        meta.dev(),
+        meta.ino(),
+        meta.len(),
+        meta.ctime(),
+        meta.ctime_nsec(),
+    )
 }
 
 /// The registry file's entries: it must be a JSON object whose `artifacts` is an array. (A

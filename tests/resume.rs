@@ -442,7 +442,11 @@ async fn a_kill_during_publish_leaves_no_blob_or_the_whole_verified_one() {
         assert_eq!(meta.permissions().mode() & 0o777, 0o444, "{point}");
         if running_as_root() {
             use std::os::unix::fs::MetadataExt;
-            assert_eq!(meta.uid(), NOBODY, "{point}: the blob is not the service user's");
+            assert_eq!(
+                meta.uid(),
+                NOBODY,
+                "{point}: the blob is not the service user's"
+            );
         }
         assert!(setup.ingest_is_empty(), "{point}: files left in ingest/");
     }

@@ -90,39 +90,44 @@ impl DaemonError {
 /// Makes this the one daemon of its state dir: an exclusive lock on `<state_dir>/daemon.lock`,
 /// held for the life of the returned file, which names this process's pid. Two daemons on one
 /// state dir would each keep their own leases and queue, and evict what the other leased. A
-/// `fetch` takes no such lock: it coordinates through the per-ingest locks.
+/// `fetch` takes no such lock: it coordinates through the per-ingest locks. The lock is held
+/// through a read-only descriptor, so that the daemon keeps no file of the state dir open for
+/// writing (which would stop an operator from remounting it read-only).
 fn lock_state_dir(state_dir: &std::path::Path) -> Result<std::fs::File, DaemonError> {
-    use std::io::{Read, Seek, Write};
+    use std::io::{Read, Write};
     use std::os::unix::fs::OpenOptionsExt;
     let path = state_dir.join("daemon.lock");
     let fail = |source| DaemonError::Lock {
         path: path.clone(),
         source,
     };
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&path)
-        .map_err(fail)?;
-    match file.try_lock() {
+    let open = |write: bool| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(write)
+            .create(write)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+    };
+    let mut writer = open(true).map_err(fail)?;
+    let mut held = open(false).map_err(fail)?;
+    match held.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
             let mut text = String::new();
-            let _ = file.read_to_string(&mut text);
+            let _ = held.read_to_string(&mut text);
             let holder = text.trim().parse().ok();
             return Err(DaemonError::InUse { path, holder });
         }
         Err(std::fs::TryLockError::Error(e)) => return Err(fail(e)),
     }
-    file.set_len(0)
-        .and_then(|()| file.rewind())
-        .and_then(|()| writeln!(file, "{}", std::process::id()))
+    writer
+        .set_len(0)
+        .and_then(|()| writeln!(writer, "{}", std::process::id()))
         .map_err(fail)?;
-    Ok(file)
+    Ok(held)
 }
 
 /// Who may use the socket.

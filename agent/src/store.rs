@@ -208,8 +208,9 @@ impl Store {
             .join(format!("{}-{}", digest.algorithm(), digest.hex()))
     }
 
-    /// Bytes the ingest area takes on disk (allocated blocks: ingest files are sparse until
-    /// written).
+    /// Bytes the ingest area takes on disk: allocated blocks, which for an ingest file are its
+    /// blob's whole size from its creation (sparse until written only where `fallocate` is
+    /// not supported).
     pub fn ingest_bytes(&self) -> Result<u64, StoreError> {
         let dir = self.ingest_dir();
         let mut bytes = 0;

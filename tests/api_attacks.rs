@@ -33,16 +33,7 @@ fn node_with_blob(origin: &Origin, seed: u64) -> (Node, Vec<u8>) {
 
 /// Pulls `t/real@1` to its end and checks the staged bytes: the daemon still does its job.
 async fn assert_still_stages(daemon: &Daemon, body: &[u8]) {
-    let (status, pull) = daemon
-        .request(
-            "POST",
-            "/v1/pulls",
-            Some(&json!({"artifact_id": "t/real@1"})),
-        )
-        .await;
-    assert!(status == 200 || status == 202, "{status} {pull}");
-    let target = format!("/v1/pulls/{}?wait=30s", pull["id"].as_str().unwrap());
-    let (_, done) = daemon.request("GET", &target, None).await;
+    let done = daemon.pull_to_end("t/real@1").await;
     assert_eq!(done["state"], "staged", "{done}");
     assert_eq!(std::fs::read(done["path"].as_str().unwrap()).unwrap(), body);
 }

@@ -11,7 +11,6 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde_json::json;
 use support::agent::{artifact, pseudo_random};
 use support::daemon::Node;
 use support::origin::Origin;
@@ -89,15 +88,6 @@ async fn schemathesis_finds_no_server_error_and_no_answer_off_the_document() {
         daemon.output()
     );
 
-    let (status, pull) = daemon
-        .request(
-            "POST",
-            "/v1/pulls",
-            Some(&json!({"artifact_id": "t/real@1"})),
-        )
-        .await;
-    assert!(status == 200 || status == 202, "{status} {pull}");
-    let target = format!("/v1/pulls/{}?wait=30s", pull["id"].as_str().unwrap());
-    let (_, done) = daemon.request("GET", &target, None).await;
+    let done = daemon.pull_to_end("t/real@1").await;
     assert_eq!(done["state"], "staged", "{done}");
 }

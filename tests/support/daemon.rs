@@ -304,6 +304,16 @@ impl Daemon {
         None
     }
 
+    /// `POST /v1/pulls` of `artifact_id`, then a long-poll until the pull ends; returns the
+    /// ended pull. The POST must be accepted (200 or 202).
+    pub async fn pull_to_end(&self, artifact_id: &str) -> Value {
+        let body = serde_json::json!({ "artifact_id": artifact_id });
+        let (status, pull) = self.request("POST", "/v1/pulls", Some(&body)).await;
+        assert!(status == 200 || status == 202, "{status} {pull}");
+        let target = format!("/v1/pulls/{}?wait=30s", pull["id"].as_str().unwrap());
+        self.request("GET", &target, None).await.1
+    }
+
     /// Whether the process has exited (reaping it if so).
     pub fn has_exited(&mut self) -> bool {
         if self.exit.is_none() {

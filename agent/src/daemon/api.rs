@@ -85,7 +85,7 @@ pub fn operation<B>(request: &Request<B>) -> &'static str {
 
 /// Matches a request to its route. `Err(Some(allow))` when the path exists for other methods,
 /// `allow` listing them (the `Allow` header of the 405); `Err(None)` when no route has it.
-pub fn route<'a>(method: &Method, path: &'a str) -> Result<Endpoint<'a>, Option<&'static str>> {
+pub fn route<'a>(method: &Method, path: &'a str) -> Result<Endpoint<'a>, Option<String>> {
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let endpoint = match (method, segments.as_slice()) {
         (&Method::POST, ["v1", "pulls"]) => Endpoint::CreatePull,
@@ -103,16 +103,20 @@ pub fn route<'a>(method: &Method, path: &'a str) -> Result<Endpoint<'a>, Option<
     Ok(endpoint)
 }
 
-/// The methods a path is served for, as an `Allow` header lists them.
-fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
-    let allow = match segments {
-        ["v1", "pulls"] | ["v1", "verify" | "leases" | "gc"] => "POST",
-        ["v1", "pulls", _] => "GET, DELETE",
-        ["v1", "blobs"] | ["v1", "blobs", _] | ["v1", "status"] => "GET",
-        ["v1", "leases", _] => "DELETE",
-        _ => return None,
+/// The methods [`ROUTES`] serve a path with, as an `Allow` header lists them; `None` when no
+/// route has the path.
+fn allowed_methods(segments: &[&str]) -> Option<String> {
+    let serves = |template: &str| {
+        let parts: Vec<&str> = template.trim_start_matches('/').split('/').collect();
+        let same = |(part, segment): (&&str, &&str)| part.starts_with('{') || part == segment;
+        parts.len() == segments.len() && parts.iter().zip(segments).all(same)
     };
-    Some(allow)
+    let methods: Vec<&str> = ROUTES
+        .iter()
+        .filter(|(_, template)| serves(template))
+        .map(|(method, _)| *method)
+        .collect();
+    (!methods.is_empty()).then(|| methods.join(", "))
 }
 
 /// An API error: status, stable code, message.
@@ -122,7 +126,7 @@ pub struct ApiError {
     code: &'static str,
     message: String,
     /// The `Allow` header of a 405.
-    allow: Option<&'static str>,
+    allow: Option<String>,
 }
 
 impl ApiError {
@@ -135,6 +139,14 @@ impl ApiError {
         }
     }
 
+    /// A 405's `Allow` header: the methods the path takes.
+    fn with_allow(self, allow: String) -> Self {
+        ApiError {
+            allow: Some(allow),
+            ..self
+        }
+    }
+
     fn bad_request(message: impl Into<String>) -> Self {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
     }
@@ -142,8 +154,7 @@ impl ApiError {
     pub fn into_response(self) -> Response<Full<Bytes>> {
         let body = json!({ "error": { "code": self.code, "message": self.message } });
         let mut response = respond(self.status, &body);
-        if let Some(allow) = self.allow {
-            let value = hyper::header::HeaderValue::from_static(allow);
+        if let Some(value) = self.allow.and_then(|a| a.parse().ok()) {
             response.headers_mut().insert(hyper::header::ALLOW, value);
         }
         response
@@ -264,14 +275,12 @@ impl Api {
             .decode_utf8_lossy()
             .into_owned();
         let endpoint = route(request.method(), &path).map_err(|allow| match allow {
-            Some(allow) => ApiError {
-                allow: Some(allow),
-                ..ApiError::new(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "method_not_allowed",
-                    format!("{path} takes {allow}"),
-                )
-            },
+            Some(allow) => ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{path} takes {allow}"),
+            )
+            .with_allow(allow),
             None => ApiError::new(
                 StatusCode::NOT_FOUND,
                 "route_not_found",
@@ -617,12 +626,10 @@ mod tests {
                 "{template}: {allow}"
             );
         }
-        assert_eq!(route(&Method::PUT, "/v1/pulls"), Err(Some("POST")));
-        assert_eq!(
-            route(&Method::PUT, "/v1/pulls/p-1"),
-            Err(Some("GET, DELETE"))
-        );
-        assert_eq!(route(&Method::TRACE, "/v1/status"), Err(Some("GET")));
+        let allow = |methods: &str| Err(Some(methods.to_owned()));
+        assert_eq!(route(&Method::PUT, "/v1/pulls"), allow("POST"));
+        assert_eq!(route(&Method::PUT, "/v1/pulls/p-1"), allow("GET, DELETE"));
+        assert_eq!(route(&Method::TRACE, "/v1/status"), allow("GET"));
         assert_eq!(route(&Method::GET, "/v2/pulls"), Err(None));
         assert_eq!(route(&Method::GET, "/v1/pulls/a/b"), Err(None));
     }

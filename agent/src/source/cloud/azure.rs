@@ -95,32 +95,12 @@ fn account_url(uri: &str, config: &Config) -> Result<Location, SourceError> {
         reason: reason.to_owned(),
     };
     let url = Url::parse(uri).map_err(|e| invalid(&e.to_string()))?;
-    let host = url.host_str().unwrap_or_default();
-    let (account, domain) = match host.split_once(".blob.") {
-        Some(parts) if url.scheme() == "https" => parts,
-        _ => {
-            return Err(invalid(
-                "neither az:// nor https://<account>.blob.<domain>/",
-            ));
-        }
-    };
-    let configured = config.sources.azure_blob.endpoint.as_deref();
-    let configured_host = configured.and_then(|e| Url::parse(e).ok());
-    let configured_host = configured_host.as_ref().and_then(Url::host_str);
-    if !AZURE_BLOB_DOMAINS.contains(&domain) && configured_host != Some(host) {
+    if url.scheme() != "https" {
         return Err(invalid(
-            "the host is neither an Azure Blob endpoint nor [sources.azure_blob] endpoint's",
+            "neither az:// nor https://<account>.blob.<domain>/",
         ));
     }
-    let account_ok = (3..=24).contains(&account.len())
-        && account
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
-    if !account_ok {
-        return Err(invalid(
-            "the account name is not 3-24 lowercase letters and digits",
-        ));
-    }
+    let account = blob_account(url.host_str().unwrap_or_default(), config).map_err(invalid)?;
     if url.query().is_some() || url.fragment().is_some() {
         return Err(invalid(
             "a query or fragment in the URI (credentials come from the control plane)",
@@ -130,8 +110,7 @@ fn account_url(uri: &str, config: &Config) -> Result<Location, SourceError> {
         .ok_or_else(|| invalid("the path is not UTF-8"))?;
     let decoded = format!("az://{decoded}");
     let (container, path) = split_uri(&decoded, "az://")?;
-    let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
-    let endpoint = format!("https://{host}{port}");
+    let endpoint = url.origin().ascii_serialization();
     Ok(Location {
         endpoint: Url::parse(&endpoint).map_err(|e| invalid(&e.to_string()))?,
         account: Some(account.to_owned()),
@@ -140,7 +119,31 @@ fn account_url(uri: &str, config: &Config) -> Result<Location, SourceError> {
     })
 }
 
-/// `%XX` sequences decoded (a `+` stays a `+`: this is a path, not a form).
+/// The account of an https blob URI's `host`, `<account>.blob.<domain>`: the domain one of
+/// [`AZURE_BLOB_DOMAINS`] or the host `[sources.azure_blob] endpoint` names, the account 3-24
+/// lowercase letters and digits, as Azure's are.
+fn blob_account<'h>(host: &'h str, config: &Config) -> Result<&'h str, &'static str> {
+    let (account, domain) = host
+        .split_once(".blob.")
+        .ok_or("neither az:// nor https://<account>.blob.<domain>/")?;
+    let configured = config.sources.azure_blob.endpoint.as_deref();
+    let configured = configured.and_then(|e| Url::parse(e).ok());
+    if !AZURE_BLOB_DOMAINS.contains(&domain)
+        && configured.as_ref().and_then(Url::host_str) != Some(host)
+    {
+        return Err(
+            "the host is neither an Azure Blob endpoint nor [sources.azure_blob] endpoint's",
+        );
+    }
+    let valid = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    if !(3..=24).contains(&account.len()) || !account.bytes().all(valid) {
+        return Err("the account name is not 3-24 lowercase letters and digits");
+    }
+    Ok(account)
+}
+
+/// `%XX` sequences decoded (a `+` stays a `+`: this is a path, not a form). Unlike
+/// `percent-encoding`'s decoder, a malformed escape is refused rather than kept as it is.
 fn percent_decode(text: &str) -> Option<String> {
     let mut out = Vec::with_capacity(text.len());
     let mut bytes = text.bytes();

@@ -28,11 +28,14 @@ pub struct FileControlPlane {
     parsed: Arc<Mutex<Option<Parsed>>>,
 }
 
+/// Registry entries by id (more than one under an id is an error at lookup).
+type ById = Arc<HashMap<String, Vec<serde_json::Value>>>;
+
 /// The registry as last parsed: its entries by id, and what the file looked like then.
 #[derive(Debug)]
 struct Parsed {
     stamp: Stamp,
-    by_id: Arc<HashMap<String, Vec<serde_json::Value>>>,
+    by_id: ById,
 }
 
 /// What tells one version of the registry file from another: device, inode, size and change
@@ -49,15 +52,22 @@ fn stamp(meta: &std::fs::Metadata) -> Stamp {
     )
 }
 
-/// The registry file's entries: it must be a JSON object whose `artifacts` is an array. (A
-/// derived struct would read an array as well: serde takes a struct's fields from a sequence.)
-fn registry_entries(text: &[u8]) -> Result<Vec<serde_json::Value>, String> {
+/// The registry file's entries by id: it must be a JSON object whose `artifacts` is an array.
+/// (A derived struct would read an array as well: serde takes a struct's fields from a
+/// sequence.) Entries without an id are left out; every lookup misses them anyway.
+fn index_registry(text: &[u8]) -> Result<ById, String> {
     let mut object: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(text).map_err(|e| e.to_string())?;
-    match object.remove("artifacts") {
-        Some(serde_json::Value::Array(artifacts)) => Ok(artifacts),
-        _ => Err("it has no \"artifacts\" array".into()),
+    let Some(serde_json::Value::Array(artifacts)) = object.remove("artifacts") else {
+        return Err("it has no \"artifacts\" array".into());
+    };
+    let mut by_id: HashMap<String, Vec<serde_json::Value>> = HashMap::new();
+    for entry in artifacts {
+        if let Some(id) = entry.get("id").and_then(|v| v.as_str()) {
+            by_id.entry(id.to_owned()).or_default().push(entry);
+        }
     }
+    Ok(Arc::new(by_id))
 }
 
 /// Development credentials may sit beside a registration in the file.
@@ -81,21 +91,7 @@ impl FileControlPlane {
     }
 
     fn entry(&self, id: &ArtifactId) -> Result<serde_json::Value, ControlPlaneError> {
-        let unreadable = |source| ControlPlaneError::Unavailable {
-            what: format!("cannot read registry {}", self.registry.display()),
-            source,
-        };
-        let mut file = std::fs::File::open(&self.registry).map_err(unreadable)?;
-        let stamp = stamp(&file.metadata().map_err(unreadable)?);
-        let by_id = match self.cached(stamp) {
-            Some(by_id) => by_id,
-            None => {
-                let mut text = Vec::new();
-                std::io::Read::read_to_end(&mut file, &mut text).map_err(unreadable)?;
-                self.parse(&text, stamp)?
-            }
-        };
-        match by_id.get(id.as_str()).map(Vec::as_slice) {
+        match self.entries()?.get(id.as_str()).map(Vec::as_slice) {
             None | Some([]) => Err(ControlPlaneError::NotRegistered { id: id.clone() }),
             Some([entry]) => Ok(entry.clone()),
             Some(_) => Err(invalid(
@@ -105,37 +101,28 @@ impl FileControlPlane {
         }
     }
 
-    /// The registry's entries by id, as parsed from `text` (the file at `stamp`).
-    fn parse(
-        &self,
-        text: &[u8],
-        stamp: Stamp,
-    ) -> Result<Arc<HashMap<String, Vec<serde_json::Value>>>, ControlPlaneError> {
-        let artifacts = registry_entries(text).map_err(|e| ControlPlaneError::Malformed {
+    /// The registry's entries by id: the last parse while the file is unchanged, else a new one.
+    fn entries(&self) -> Result<ById, ControlPlaneError> {
+        let unreadable = |source| ControlPlaneError::Unavailable {
+            what: format!("cannot read registry {}", self.registry.display()),
+            source,
+        };
+        let mut file = std::fs::File::open(&self.registry).map_err(unreadable)?;
+        let stamp = stamp(&file.metadata().map_err(unreadable)?);
+        let mut parsed = self.parsed.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(last) = parsed.as_ref().filter(|p| p.stamp == stamp) {
+            return Ok(last.by_id.clone());
+        }
+        let mut text = Vec::new();
+        std::io::Read::read_to_end(&mut file, &mut text).map_err(unreadable)?;
+        let by_id = index_registry(&text).map_err(|e| ControlPlaneError::Malformed {
             what: format!("registry {} is not valid: {e}", self.registry.display()),
         })?;
-        let mut by_id: HashMap<String, Vec<serde_json::Value>> = HashMap::new();
-        for entry in artifacts {
-            if let Some(id) = entry.get("id").and_then(|v| v.as_str()) {
-                by_id.entry(id.to_owned()).or_default().push(entry);
-            }
-        }
-        let by_id = Arc::new(by_id);
-        let parsed = Parsed {
+        *parsed = Some(Parsed {
             stamp,
             by_id: by_id.clone(),
-        };
-        *self.parsed.lock().unwrap_or_else(PoisonError::into_inner) = Some(parsed);
+        });
         Ok(by_id)
-    }
-
-    /// The entries of the last parse, if the file has not changed since.
-    fn cached(&self, stamp: Stamp) -> Option<Arc<HashMap<String, Vec<serde_json::Value>>>> {
-        let parsed = self.parsed.lock().unwrap_or_else(PoisonError::into_inner);
-        parsed
-            .as_ref()
-            .filter(|p| p.stamp == stamp)
-            .map(|p| p.by_id.clone())
     }
 
     fn lookup(&self, id: &ArtifactId) -> Result<Artifact, ControlPlaneError> {

@@ -11,33 +11,9 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::agent::{artifact, pseudo_random, sha256_hex};
-use support::daemon::{Daemon, Node};
+use support::daemon::Node;
 use support::front::{Front, FrontOptions};
 use support::origin::Origin;
-
-/// Posts a pull and long-polls it to its end; returns the final pull.
-async fn pull_to_end(daemon: &Daemon, id: &str) -> Value {
-    let (status, pull) = daemon
-        .request("POST", "/v1/pulls", Some(&json!({ "artifact_id": id })))
-        .await;
-    assert!(
-        status == 200 || status == 202,
-        "POST {id}: {status} {pull:#}"
-    );
-    let pull_id = pull["id"].as_str().unwrap().to_owned();
-    for _ in 0..12 {
-        let (_, pull) = daemon
-            .request("GET", &format!("/v1/pulls/{pull_id}?wait=10s"), None)
-            .await;
-        if matches!(
-            pull["state"].as_str(),
-            Some("staged" | "failed" | "cancelled")
-        ) {
-            return pull;
-        }
-    }
-    panic!("pull {pull_id} did not end: {}", daemon.output());
-}
 
 fn staged_path(pull: &Value) -> PathBuf {
     assert_eq!(pull["state"], "staged", "{pull:#}");
@@ -87,7 +63,7 @@ async fn twenty_blobs_never_hold_more_than_max_connections_at_the_origin() {
 
     let pulls = (0..20).map(|i| {
         let daemon = &daemon;
-        async move { pull_to_end(daemon, &format!("t/b{i}@1")).await }
+        async move { daemon.pull_to_end(&format!("t/b{i}@1")).await }
     });
     let pulls = futures_util::future::join_all(pulls).await;
     for (pull, body) in pulls.iter().zip(&bodies) {
@@ -110,7 +86,7 @@ async fn verify_of_a_tampered_blob_quarantines_it_and_the_next_pull_stages_it_ag
     let node = Node::new();
     let bodies = register_blobs(&node, &origin, |p| origin.url(p), 1, 200_000);
     let daemon = node.start().await;
-    let path = staged_path(&pull_to_end(&daemon, "t/b0@1").await);
+    let path = staged_path(&daemon.pull_to_end("t/b0@1").await);
     let verify = json!({ "artifact_id": "t/b0@1" });
     let (status, verified) = daemon.request("POST", "/v1/verify", Some(&verify)).await;
     assert_eq!(
@@ -136,7 +112,7 @@ async fn verify_of_a_tampered_blob_quarantines_it_and_the_next_pull_stages_it_ag
     assert_eq!(quarantined, 1);
 
     let gets_before = origin.get_count("/b0");
-    let again = staged_path(&pull_to_end(&daemon, "t/b0@1").await);
+    let again = staged_path(&daemon.pull_to_end("t/b0@1").await);
     assert_eq!(again, path);
     assert_eq!(fs::read(&again).unwrap(), bodies[0]);
     assert!(
@@ -164,8 +140,8 @@ async fn a_lease_keeps_a_blob_through_gc_and_its_expiry_releases_it() {
     node.env("BLOBSTAGE_STORE_LOW_WATERMARK", "1KiB");
     let bodies = register_blobs(&node, &origin, |p| origin.url(p), 2, 100_000);
     let daemon = node.start().await;
-    let kept = staged_path(&pull_to_end(&daemon, "t/b0@1").await);
-    let other = staged_path(&pull_to_end(&daemon, "t/b1@1").await);
+    let kept = staged_path(&daemon.pull_to_end("t/b0@1").await);
+    let other = staged_path(&daemon.pull_to_end("t/b1@1").await);
 
     let lease =
         json!({ "holder": "runtime-1", "digests": [digest_of(&bodies[0])], "ttl_seconds": 2 });
@@ -208,14 +184,14 @@ async fn above_the_high_watermark_a_staged_pull_evicts_the_least_recently_used()
     node.env("BLOBSTAGE_STORE_LOW_WATERMARK", "200000");
     register_blobs(&node, &origin, |p| origin.url(p), 3, 100_000);
     let daemon = node.start().await;
-    let first = staged_path(&pull_to_end(&daemon, "t/b0@1").await);
+    let first = staged_path(&daemon.pull_to_end("t/b0@1").await);
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let second = staged_path(&pull_to_end(&daemon, "t/b1@1").await);
+    let second = staged_path(&daemon.pull_to_end("t/b1@1").await);
     tokio::time::sleep(Duration::from_millis(20)).await;
     // Using the first blob again makes the second the least recently used.
-    assert_eq!(staged_path(&pull_to_end(&daemon, "t/b0@1").await), first);
+    assert_eq!(staged_path(&daemon.pull_to_end("t/b0@1").await), first);
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let third = staged_path(&pull_to_end(&daemon, "t/b2@1").await);
+    let third = staged_path(&daemon.pull_to_end("t/b2@1").await);
 
     assert!(
         first.exists() && third.exists(),

@@ -358,7 +358,7 @@ fn hand_to_service_user(setup: &Setup) {
             }
         }
     }
-    if running_as_root() {
+    if switches_to_service_user() {
         chown_all(setup.root());
     }
 }
@@ -367,7 +367,7 @@ const NOBODY: u32 = 65534;
 
 /// Root, with a binary that `nobody` can reach and run (every directory above it searchable by
 /// others): the runs then switch to `nobody`.
-fn running_as_root() -> bool {
+fn switches_to_service_user() -> bool {
     use std::os::unix::fs::MetadataExt;
     let binary = std::path::Path::new(env!("CARGO_BIN_EXE_blobstage"));
     let reachable = binary
@@ -381,7 +381,7 @@ fn running_as_root() -> bool {
 fn as_node_user(setup: &Setup, args: &[&str]) -> std::process::Command {
     use std::os::unix::process::CommandExt;
     let mut command = setup.fetch_command(args);
-    if running_as_root() {
+    if switches_to_service_user() {
         command.uid(NOBODY).gid(NOBODY);
     }
     command
@@ -440,7 +440,7 @@ async fn a_kill_during_publish_leaves_no_blob_or_the_whole_verified_one() {
         assert_eq!(fs::read(&blob).unwrap(), body, "{point}");
         let meta = fs::metadata(&blob).unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o444, "{point}");
-        if running_as_root() {
+        if switches_to_service_user() {
             use std::os::unix::fs::MetadataExt;
             assert_eq!(
                 meta.uid(),

@@ -304,14 +304,26 @@ impl Daemon {
         None
     }
 
-    /// `POST /v1/pulls` of `artifact_id`, then a long-poll until the pull ends; returns the
-    /// ended pull. The POST must be accepted (200 or 202).
+    /// `POST /v1/pulls` of `artifact_id`, which must be accepted (200 or 202), then long-polls
+    /// until the pull ends (2 minutes at most); returns the ended pull.
     pub async fn pull_to_end(&self, artifact_id: &str) -> Value {
         let body = serde_json::json!({ "artifact_id": artifact_id });
         let (status, pull) = self.request("POST", "/v1/pulls", Some(&body)).await;
-        assert!(status == 200 || status == 202, "{status} {pull}");
-        let target = format!("/v1/pulls/{}?wait=30s", pull["id"].as_str().unwrap());
-        self.request("GET", &target, None).await.1
+        assert!(
+            status == 200 || status == 202,
+            "POST {artifact_id}: {status} {pull:#}"
+        );
+        let target = format!("/v1/pulls/{}?wait=10s", pull["id"].as_str().unwrap());
+        for _ in 0..12 {
+            let (_, pull) = self.request("GET", &target, None).await;
+            if matches!(
+                pull["state"].as_str(),
+                Some("staged" | "failed" | "cancelled")
+            ) {
+                return pull;
+            }
+        }
+        panic!("{target} did not end: {}", self.output());
     }
 
     /// Whether the process has exited (reaping it if so).

@@ -116,17 +116,8 @@ async fn s3_credentials_of_two_seconds_are_refreshed_ahead_once_per_expiry() {
     let plane = Plane::start().await;
     let body = pseudo_random(SIZE, 41);
     let setup = registered(&plane, &s3, addr, &body).await;
-    let (key, secret) = (s3.0.access_key().to_owned(), s3.0.secret_key().to_owned());
     let lifetime = Duration::from_secs(2);
-    plane.issue_with(
-        ID,
-        lifetime,
-        Arc::new(move |n, expires| {
-            let token = format!("session-{n}-{}", unix_millis(expires));
-            json!({"kind": "aws", "access_key_id": key, "secret_access_key": secret,
-                   "session_token": token})
-        }),
-    );
+    plane.issue_with(ID, lifetime, session_tokens(&s3));
 
     let elapsed = fetch_and_verify(&setup, &body).await;
     // Refreshed a quarter of the lifetime ahead of expiry: every 1.5 s.
@@ -161,6 +152,61 @@ async fn a_sas_azurite_expires_mid_transfer_is_refreshed_once_for_all_ranges() {
     let elapsed = fetch_and_verify(&setup, &body).await;
     // Each SAS lives at least one second (its expiry is in whole seconds).
     assert_once_per_expiry(plane.issued(ID), elapsed, Duration::from_secs(1));
+}
+
+/// Short-lived S3 session credentials for the s3s-fs at `s3`, each token carrying its expiry.
+fn session_tokens(s3: &S3s) -> support::plane::Issuer {
+    let (key, secret) = (s3.0.access_key().to_owned(), s3.0.secret_key().to_owned());
+    Arc::new(move |n, expires| {
+        let token = format!("session-{n}-{}", unix_millis(expires));
+        json!({"kind": "aws", "access_key_id": key, "secret_access_key": secret,
+               "session_token": token})
+    })
+}
+
+/// The credential expires mid-transfer and the control plane refuses to renew it: the pull
+/// fails with the control plane's code (the refresh ahead of the expiry failed quietly first,
+/// and the credential was used until it really expired), keeps what it wrote, reports its
+/// event, exposes no blob; once the control plane issues again, the next pull resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_that_expire_mid_transfer_and_are_not_renewed_fail_cleanly_then_resume() {
+    let Some(s3) = S3s::start().await else { return };
+    let (front, addr) = relay(&s3, Some(expired_token_gate())).await;
+    let plane = Plane::start().await;
+    let body = pseudo_random(SIZE, 46);
+    let setup = registered(&plane, &s3, addr, &body).await;
+    let lifetime = Duration::from_secs(2);
+    plane.issue_with(ID, lifetime, session_tokens(&s3));
+    plane.refuse_credentials_after(ID, 1, 403);
+
+    let started = Instant::now();
+    let run = setup.fetch(ID).await;
+    let line = run.last_stderr_line().to_owned();
+    assert_eq!(run.code, 1, "{run:#?}");
+    assert!(line.starts_with("error[control_plane_denied]"), "{run:#?}");
+    // The held credential was used to its expiry, not dropped at the failed refresh ahead.
+    assert!(started.elapsed() >= lifetime, "{:?}", started.elapsed());
+    assert!(
+        run.stderr.contains("cannot refresh credentials ahead of their expiry"),
+        "{}",
+        run.stderr
+    );
+    assert!(setup.blobs().is_empty(), "{:?}", setup.blobs());
+    let events = plane.events();
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert_eq!(events[0]["outcome"], "failed");
+    assert_eq!(events[0]["error_code"], "control_plane_denied");
+    let relayed = front.seen().iter().filter(|s| !s.refused).count();
+    assert!(relayed > 2, "nothing was transferred before the expiry");
+
+    plane.issue_with(ID, Duration::from_secs(3600), session_tokens(&s3));
+    let run = setup.fetch_with(&["--json", ID]).await;
+    assert_eq!(run.code, 0, "{run:#?}");
+    let json: Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    assert!(json["bytes_resumed"].as_u64().unwrap() > 0, "{json:#}");
+    let path = json["path"].as_str().unwrap();
+    assert_eq!(std::fs::read(path).unwrap(), body);
+    assert_eq!(plane.events().len(), 2);
 }
 
 /// s3s-fs with a secret that is right from the issue `right_from` on.

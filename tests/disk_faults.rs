@@ -27,8 +27,13 @@ impl Mount {
     /// Mounts a tmpfs of `size` bytes at `at` (created), or `None` when this process may not
     /// mount (not root, or no mount namespace rights).
     fn tmpfs(at: &Path, size: u64) -> Option<Mount> {
+        Mount::tmpfs_with(at, &format!("size={size}"))
+    }
+
+    /// Like [`Mount::tmpfs`], with the mount options `options` (`size=...,nr_inodes=...`).
+    fn tmpfs_with(at: &Path, options: &str) -> Option<Mount> {
         std::fs::create_dir_all(at).unwrap();
-        let options = format!("size={size},mode=0755");
+        let options = format!("{options},mode=0755");
         let mounted = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &options, "tmpfs"])
             .arg(at)
@@ -156,6 +161,73 @@ async fn a_disk_that_fills_during_the_transfer_still_stages_the_blob_it_reserved
     assert_eq!(std::fs::read(json["path"].as_str().unwrap()).unwrap(), body);
     let warnings = stderr.matches("cannot record progress").count();
     assert_eq!(warnings, 1, "{stderr}");
+    let events = setup.all_events();
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert_eq!(events[0]["outcome"], "staged");
+}
+
+/// The disk fills up, blocks and inodes, at the very moment of the publish: the run is held
+/// just before its rename (debug builds' `BLOBSTAGE_PAUSE_AT`, let go by
+/// `BLOBSTAGE_PAUSE_UNTIL`) while everything left is taken. The publish needs no new space (the
+/// blob's blocks were reserved with the ingest file, `blobs/sha256/` exists, and a rename
+/// allocates nothing), so the blob is staged whole; its event, which the full outbox cannot
+/// take, goes to the control plane directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_that_fills_exactly_during_the_publish_still_stages_the_blob() {
+    let setup = Setup::new();
+    let Some(_mount) = Mount::tmpfs_with(&setup.state_dir(), "size=8m,nr_inodes=64") else {
+        return;
+    };
+    let origin = Origin::start().await;
+    let body = pseudo_random(1 << 20, 9);
+    origin.put("/big", body.clone());
+    setup.register(&[artifact("t/big@1", &origin.url("/big"), &body)]);
+    let hex = support::agent::sha256_hex(&body);
+    let ingest = setup.state_dir().join("ingest").join(format!("sha256-{hex}"));
+    let go = setup.root().join("go");
+
+    let mut command = setup.fetch_command(&["--json", "t/big@1"]);
+    command
+        .env("BLOBSTAGE_PAUSE_AT", "publish-before-rename")
+        .env("BLOBSTAGE_PAUSE_UNTIL", &go)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = command.spawn().unwrap();
+    // Held before the rename: synced and made read-only, not yet at the blob path.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let held = || {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(&ingest).is_ok_and(|m| m.permissions().mode() & 0o777 == 0o444)
+    };
+    while !held() {
+        assert!(std::time::Instant::now() < deadline, "the publish was not reached");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!setup.blob_path(&hex).exists());
+    fill(&setup.state_dir().join("filler"));
+    let inodes = setup.state_dir().join("inodes");
+    std::fs::create_dir(&inodes).unwrap();
+    let mut taken = 0;
+    while std::fs::File::create(inodes.join(taken.to_string())).is_ok() {
+        taken += 1;
+    }
+    let full = std::fs::File::create(setup.state_dir().join("one-more")).unwrap_err();
+    assert_eq!(full.raw_os_error(), Some(28), "{full}"); // ENOSPC
+    std::fs::write(&go, b"").unwrap();
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let json: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(json["outcome"], "staged", "{stderr}");
+    assert_eq!(std::fs::read(setup.blob_path(&hex)).unwrap(), body);
+    assert!(
+        stderr.contains("went to the control plane directly"),
+        "{stderr}"
+    );
     let events = setup.all_events();
     assert_eq!(events.len(), 1, "{events:#?}");
     assert_eq!(events[0]["outcome"], "staged");

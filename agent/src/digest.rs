@@ -343,7 +343,7 @@ mod tests {
         window: u64,
     ) -> Hashed {
         let file = Arc::new(tempfile::tempfile().unwrap());
-        let plan = RangePlan::new(data.len() as u64, chunk);
+        let plan = RangePlan::new(data.len() as u64, chunk, 1);
         let start = Checkpoint::start(Algorithm::Sha256);
         let (feed, done) = spawn(start, file.clone(), plan.size(), window);
         for &index in order {
@@ -370,7 +370,7 @@ mod tests {
             window in prop_oneof![Just(0u64), 1u64..5_000, Just(u64::MAX)],
             seed in any::<u64>(),
         ) {
-            let ranges = RangePlan::new(data.len() as u64, chunk).len();
+            let ranges = RangePlan::new(data.len() as u64, chunk, 1).len();
             let mut order: Vec<usize> = (0..ranges).collect();
             // A seeded Fisher-Yates shuffle, so that proptest can shrink a failing order.
             let mut state = seed | 1;

@@ -147,6 +147,7 @@ mod tests {
             digest: format!("sha256:{}", "1".repeat(64)),
             size: 10,
             chunk_size: 4,
+            plan_connections: 1,
             validator: Some(Validator::ETag("\"v1\"".into())),
             written: vec![4, 1, 0],
             hashed: 4,

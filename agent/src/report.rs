@@ -203,7 +203,10 @@ impl Outbox {
     }
 
     /// The daemon's delivery loop: delivers as events arrive, backs off while the control
-    /// plane is down, and ends when `stop` fires (after one last attempt).
+    /// plane is down, and ends when `stop` fires (after one last attempt). A new event cuts a
+    /// backoff short: the pull that made it has just talked to the control plane (or tried
+    /// to), so a control plane that is back is found at once rather than after up to
+    /// [`MAX_BACKOFF`], and one that is still down costs one call per pull.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
         let mut backoff = Duration::from_millis(500);
         loop {
@@ -214,6 +217,7 @@ impl Outbox {
                         "cannot deliver events; they wait in the outbox");
                     tokio::select! {
                         () = tokio::time::sleep(backoff) => {}
+                        () = self.wake.notified() => {}
                         () = stop.cancelled() => return,
                     }
                     backoff = (backoff * 2).min(MAX_BACKOFF);

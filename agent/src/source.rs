@@ -9,12 +9,14 @@
 use std::fmt;
 use std::ops::Range;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use control_client::{
     BoxFuture, ControlPlaneError, Credentials, Digest, SourceDescriptor, SourceType,
 };
+/// `Retry-After`'s one parser, shared with the control-plane client.
+pub use control_client::parse_retry_after;
 use futures_util::stream::BoxStream;
 
 use crate::config::Config;
@@ -261,38 +263,5 @@ pub fn open(
             )?;
             Ok(Arc::new(source))
         }
-    }
-}
-
-/// Parses `Retry-After`: delay-seconds or an HTTP-date. A date in the past means "now".
-pub fn parse_retry_after(value: &str) -> Option<Duration> {
-    let value = value.trim();
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
-    }
-    let at = httpdate::parse_http_date(value).ok()?;
-    Some(
-        at.duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn retry_after_takes_seconds_and_dates() {
-        assert_eq!(parse_retry_after("3"), Some(Duration::from_secs(3)));
-        assert_eq!(parse_retry_after(" 0 "), Some(Duration::ZERO));
-        let soon = SystemTime::now() + Duration::from_secs(120);
-        let parsed = parse_retry_after(&httpdate::fmt_http_date(soon)).unwrap();
-        assert!(parsed > Duration::from_secs(100) && parsed <= Duration::from_secs(120));
-        assert_eq!(
-            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
-            Some(Duration::ZERO)
-        );
-        assert_eq!(parse_retry_after("soon"), None);
-        assert_eq!(parse_retry_after("-1"), None);
     }
 }

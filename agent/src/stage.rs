@@ -31,6 +31,7 @@ use crate::source::ObjectInfo;
 use crate::source::{self, SourceError};
 use crate::store::{Ingest, Store, StoreError};
 use crate::transfer::journal::Journal;
+use crate::transfer::plan::RangePlan;
 use crate::transfer::{self, Resume, Transfer, TransferError, TransferSettings};
 
 /// A pull that ended with a verified blob in the store.
@@ -558,7 +559,8 @@ impl Stager {
 
         let settings = TransferSettings::from(&self.config.transfer);
         let size = info.size;
-        let resume = prepare_ingest(&mut ingest, &artifact.digest, &info, settings.chunk_size)?;
+        let plan = settings.plan(info.size);
+        let resume = prepare_ingest(&mut ingest, &artifact.digest, &info, &plan)?;
         let algorithm = artifact.digest.algorithm();
         let mut transfer = Transfer::new(source, info, ingest.file(), algorithm, settings)
             .with_journal(ingest.journal_path().to_owned(), &artifact.digest)
@@ -638,13 +640,13 @@ fn prepare_ingest(
     ingest: &mut Ingest,
     digest: &Digest,
     info: &ObjectInfo,
-    chunk_size: u64,
+    plan: &RangePlan,
 ) -> Result<Option<Resume>, StoreError> {
     if !info.ranges {
         ingest.create(info.size)?;
         return Ok(None);
     }
-    match resumable(ingest, digest, info, chunk_size) {
+    match resumable(ingest, digest, info, plan) {
         Ok(Some(resume)) => return Ok(Some(resume)),
         Ok(None) => {}
         // Limitation: the reason is logged only; the pull's event does not carry it.
@@ -658,13 +660,13 @@ fn resumable(
     ingest: &mut Ingest,
     digest: &Digest,
     info: &ObjectInfo,
-    chunk_size: u64,
+    plan: &RangePlan,
 ) -> Result<Option<Resume>, String> {
     let Some(journal) = Journal::read(ingest.journal_path()).map_err(|e| e.to_string())? else {
         return Ok(None);
     };
     journal
-        .check(digest, info.size, chunk_size, info.validator.as_ref())
+        .check(digest, plan, info.validator.as_ref())
         .map_err(|e| e.to_string())?;
     let resume = Resume::from_journal(&journal, digest.algorithm())
         .ok_or("the journal's hash state does not restore")?;

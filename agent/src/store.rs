@@ -450,14 +450,21 @@ fn open_existing(path: &Path) -> io::Result<File> {
 }
 
 /// A test hook of debug builds: with `BLOBSTAGE_PAUSE_AT=<point>` in its environment the
-/// process stops for good at that point of a publish (`publish-before-rename`,
-/// `publish-after-rename`), so that a test can SIGKILL it exactly there. Release builds have
-/// no such point.
+/// process stops at that point of a publish (`publish-before-rename`, `publish-after-rename`),
+/// so that a test can SIGKILL it exactly there, or change the world under it: with
+/// `BLOBSTAGE_PAUSE_UNTIL=<path>` too, it goes on once that path exists, else never. Release
+/// builds have no such point.
 fn pause_at(point: &str) {
-    if cfg!(debug_assertions) && std::env::var_os("BLOBSTAGE_PAUSE_AT").is_some_and(|p| p == point)
+    if !cfg!(debug_assertions) || std::env::var_os("BLOBSTAGE_PAUSE_AT").is_none_or(|p| p != point)
     {
-        loop {
-            std::thread::park();
+        return;
+    }
+    let until = std::env::var_os("BLOBSTAGE_PAUSE_UNTIL").map(PathBuf::from);
+    loop {
+        match &until {
+            Some(go) if go.exists() => return,
+            Some(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            None => std::thread::park(),
         }
     }
 }

@@ -25,6 +25,10 @@ use crate::{
 /// refreshed a quarter of their lifetime ahead instead.
 const MAX_REFRESH_AHEAD: Duration = Duration::from_secs(60);
 
+/// How long a credential still valid is used after a refresh ahead of its expiry failed,
+/// before the refresh is tried again.
+const RETRY_AHEAD_AFTER: Duration = Duration::from_secs(1);
+
 /// A [`ControlPlane`] that keeps registrations for `ttl` and refuses a changed digest.
 pub struct CachedControlPlane {
     inner: Arc<dyn ControlPlane>,
@@ -185,18 +189,33 @@ struct Slot {
 struct Held {
     credential: Credential,
     received: SystemTime,
+    /// A refresh ahead of the expiry failed: not tried again before this.
+    retry_at: Option<SystemTime>,
 }
 
 impl Held {
+    fn new(credential: Credential) -> Self {
+        Held {
+            credential,
+            received: SystemTime::now(),
+            retry_at: None,
+        }
+    }
+
     /// Whether it is time to fetch a new one: within a quarter of its lifetime (at most
-    /// [`MAX_REFRESH_AHEAD`]) of its expiry.
+    /// [`MAX_REFRESH_AHEAD`]) of its expiry, and not just after a failed try, unless expired.
     fn due(&self, now: SystemTime) -> bool {
         let Some(expires) = self.credential.expires_at() else {
             return false;
         };
         let lifetime = expires.duration_since(self.received).unwrap_or_default();
         let ahead = (lifetime / 4).min(MAX_REFRESH_AHEAD);
-        now + ahead >= expires
+        let waiting = self.retry_at.is_some_and(|at| now < at);
+        self.expired(now) || (now + ahead >= expires && !waiting)
+    }
+
+    fn expired(&self, now: SystemTime) -> bool {
+        self.credential.expires_at().is_some_and(|at| now >= at)
     }
 }
 
@@ -221,10 +240,7 @@ impl Slot {
         if let Some(hook) = cache.on_refresh.as_ref().filter(|_| refresh) {
             hook();
         }
-        Ok(Held {
-            credential,
-            received: SystemTime::now(),
-        })
+        Ok(Held::new(credential))
     }
 }
 
@@ -253,21 +269,35 @@ impl Credentials {
         Credentials {
             slot: Arc::new(Slot {
                 issuer: None,
-                held: tokio::sync::Mutex::new(Some(Held {
-                    credential,
-                    received: SystemTime::now(),
-                })),
+                held: tokio::sync::Mutex::new(Some(Held::new(credential))),
             }),
         }
     }
 
     /// The credential to use now: the one held, unless it is about to expire.
+    ///
+    /// A refresh ahead of the expiry that fails is not an error while the credential held is
+    /// still valid: it goes on being used, and the refresh is tried again after
+    /// [`RETRY_AHEAD_AFTER`], so a control plane that is briefly down costs nothing. Once the
+    /// credential has expired, a failed refresh is the caller's error.
     pub async fn current(&self) -> Result<Credential, ControlPlaneError> {
         let mut held = self.slot.held.lock().await;
-        match held.as_ref() {
-            Some(h) if self.slot.issuer.is_none() || !h.due(SystemTime::now()) => {
-                Ok(h.credential.clone())
-            }
+        let now = SystemTime::now();
+        match held.as_mut() {
+            Some(h) if self.slot.issuer.is_none() || !h.due(now) => Ok(h.credential.clone()),
+            Some(h) if !h.expired(now) => match self.slot.fetch(true).await {
+                Ok(fresh) => {
+                    let credential = fresh.credential.clone();
+                    *held = Some(fresh);
+                    Ok(credential)
+                }
+                Err(error) => {
+                    tracing::warn!(credentials = ?self, error = %error,
+                        "cannot refresh credentials ahead of their expiry; using them until then");
+                    h.retry_at = Some(now + RETRY_AHEAD_AFTER);
+                    Ok(h.credential.clone())
+                }
+            },
             _ => {
                 let fresh = self.slot.fetch(held.is_some()).await?;
                 let credential = fresh.credential.clone();
@@ -306,6 +336,8 @@ mod tests {
         issued: AtomicUsize,
         lifetime: Duration,
         digest: Mutex<Digest>,
+        /// Credentials calls fail while set.
+        down: std::sync::atomic::AtomicBool,
     }
 
     impl Counting {
@@ -315,6 +347,7 @@ mod tests {
                 issued: AtomicUsize::new(0),
                 lifetime,
                 digest: Mutex::new(digest('a')),
+                down: Default::default(),
             })
         }
     }
@@ -352,6 +385,14 @@ mod tests {
             _: Intent,
             _: &'a str,
         ) -> BoxFuture<'a, Result<Credential, ControlPlaneError>> {
+            if self.down.load(Ordering::SeqCst) {
+                return Box::pin(async {
+                    Err(ControlPlaneError::Unavailable {
+                        what: "credentials".into(),
+                        source: std::io::Error::other("down"),
+                    })
+                });
+            }
             let n = self.issued.fetch_add(1, Ordering::SeqCst);
             let lifetime = self.lifetime;
             Box::pin(async move {
@@ -428,6 +469,23 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(350)).await;
         assert_eq!(token(&creds.current().await.unwrap()), "token-1");
         assert_eq!(cp.issued.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_failed_refresh_ahead_keeps_the_valid_credential_until_it_expires() {
+        // Lives 400 ms, due from 300 ms; the control plane is down from the start of the refresh.
+        let cp = Counting::new(Duration::from_millis(400));
+        let cache = Arc::new(CredentialCache::new(cp.clone(), "node"));
+        let creds = cache.scoped(&id(), Intent::Pull);
+        assert_eq!(token(&creds.current().await.unwrap()), "token-0");
+        cp.down.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(320)).await;
+        assert_eq!(token(&creds.current().await.unwrap()), "token-0");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let expired = creds.current().await.unwrap_err();
+        assert_eq!(expired.code(), "control_plane_unavailable");
+        cp.down.store(false, Ordering::SeqCst);
+        assert_eq!(token(&creds.current().await.unwrap()), "token-1");
     }
 
     #[tokio::test]

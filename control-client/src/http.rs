@@ -550,7 +550,8 @@ fn backoff() -> ExponentialBackoff {
 }
 
 /// Parses `Retry-After`: delay-seconds or an HTTP-date. A date in the past means "now".
-fn parse_retry_after(value: &str) -> Option<Duration> {
+/// The one parser of the header: the agent's sources use it too.
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
     let value = value.trim();
     if let Ok(seconds) = value.parse::<u64>() {
         return Some(Duration::from_secs(seconds));
@@ -757,6 +758,11 @@ mod tests {
         let soon = SystemTime::now() + Duration::from_secs(30);
         let parsed = parse_retry_after(&httpdate::fmt_http_date(soon)).unwrap();
         assert!(parsed > Duration::from_secs(25) && parsed <= Duration::from_secs(30));
+        assert_eq!(parse_retry_after(" 0 "), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
         assert_eq!(parse_retry_after("-1"), None);
         assert_eq!(parse_retry_after("later"), None);
     }

@@ -34,7 +34,7 @@ pub use credential::{Credential, Intent};
 pub use digest::{Algorithm, Digest, DigestError};
 pub use event::{Event, Operation, Outcome, Requester};
 pub use file::FileControlPlane;
-pub use http::{HttpControlPlane, HttpOptions};
+pub use http::{HttpControlPlane, HttpOptions, parse_retry_after};
 
 /// A boxed future, so that [`ControlPlane`] can be used as a trait object.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -12,12 +12,15 @@
 use blobstage::fuzzing;
 use blobstage::transfer::Resume;
 use blobstage::transfer::journal::{FORMAT, HASH_STATE_FORMAT, Journal};
+use blobstage::transfer::plan::RangePlan;
 use control_client::Digest;
 use libfuzzer_sys::fuzz_target;
 use sha2::Digest as _;
 
 /// The chunk sizes a configuration allows (`[transfer] chunk_size`).
 const CHUNK_SIZES: std::ops::RangeInclusive<u64> = 64 << 10..=1 << 30;
+/// The connections a configuration allows (`[transfer] connections_per_blob`).
+const CONNECTIONS: std::ops::RangeInclusive<u32> = 1..=64;
 
 fuzz_target!(|data: &[u8]| {
     check(data);
@@ -51,14 +54,14 @@ fn check_resume(journal: &Journal) {
     let Ok(digest) = journal.digest.parse::<Digest>() else {
         return;
     };
-    if !CHUNK_SIZES.contains(&journal.chunk_size) {
+    if !CHUNK_SIZES.contains(&journal.chunk_size) || !CONNECTIONS.contains(&journal.plan_connections)
+    {
         return;
     }
+    // The plan a resumed transfer would cut; its memory does not grow with the size.
+    let plan = RangePlan::new(journal.size, journal.chunk_size, journal.plan_connections);
     let validator = journal.validator.as_ref();
-    if journal
-        .check(&digest, journal.size, journal.chunk_size, validator)
-        .is_err()
-    {
+    if journal.check(&digest, &plan, validator).is_err() {
         return;
     }
     let Some(resume) = Resume::from_journal(journal, digest.algorithm()) else {

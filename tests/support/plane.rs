@@ -53,8 +53,9 @@ struct Issue {
     lifetime: Option<Duration>,
     /// Makes the credential instead of `template`, when set.
     issuer: Option<Issuer>,
-    /// Answers this status (and no credential) instead, when set.
+    /// Answers this status (and no credential) instead, when set, once `granted` were issued.
     refusal: Option<u16>,
+    granted: usize,
 }
 
 #[derive(Default)]
@@ -145,6 +146,7 @@ impl Plane {
             lifetime: None,
             issuer: None,
             refusal: None,
+            granted: 0,
         });
     }
 
@@ -157,6 +159,7 @@ impl Plane {
                 lifetime,
                 issuer: None,
                 refusal: None,
+                granted: 0,
             },
         );
     }
@@ -171,6 +174,7 @@ impl Plane {
                 lifetime: Some(lifetime),
                 issuer: Some(issuer),
                 refusal: None,
+                granted: 0,
             },
         );
     }
@@ -185,8 +189,18 @@ impl Plane {
                 lifetime: None,
                 issuer: None,
                 refusal: Some(status),
+                granted: 0,
             },
         );
+    }
+
+    /// Goes on issuing for `id` as set until `granted` credentials are out in all, then answers
+    /// every further credentials call with `status`: a renewal the control plane refuses.
+    pub fn refuse_credentials_after(&self, id: &str, granted: usize, status: u16) {
+        let mut state = self.state.lock().unwrap();
+        let issue = state.credentials.get_mut(id).expect("issued before");
+        issue.refusal = Some(status);
+        issue.granted = granted;
     }
 
     fn set_issue(&self, id: &str, issue: Issue) {
@@ -273,7 +287,7 @@ impl Plane {
         let Some(issue) = issue else {
             return (404, json!({"error": "not registered"}));
         };
-        if let Some(status) = issue.refusal {
+        if let Some(status) = issue.refusal.filter(|_| self.issued(id) >= issue.granted) {
             return (status, json!({"error": "no credentials for this node"}));
         }
         let n = {

@@ -24,10 +24,11 @@ use control_client::Digest;
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
+use super::plan::RangePlan;
 use crate::source::Validator;
 
 /// The journal layout this build writes and reads.
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
 
 /// How the hasher state is serialized: sha2 0.11's `SerializableState`. Another version of the
 /// crate may lay the state out differently, so a journal from it is refused.
@@ -41,6 +42,9 @@ pub struct Journal {
     pub digest: String,
     pub size: u64,
     pub chunk_size: u64,
+    /// The connections the range plan was cut for: with the size and chunk size, it makes the
+    /// plan the `written` counters are of.
+    pub plan_connections: u32,
     pub validator: Option<Validator>,
     /// Bytes written from the start of each range, durably.
     pub written: Vec<u64>,
@@ -135,10 +139,10 @@ impl Journal {
     pub fn check(
         &self,
         digest: &Digest,
-        size: u64,
-        chunk_size: u64,
+        plan: &RangePlan,
         validator: Option<&Validator>,
     ) -> Result<(), JournalError> {
+        let size = plan.size();
         let mismatch = |what| Err(JournalError::Mismatch(what));
         if self.digest != digest.to_string() {
             return mismatch("another digest");
@@ -149,16 +153,15 @@ impl Journal {
         if validator.is_none() || self.validator.as_ref() != validator {
             return mismatch("the source's validator changed or is missing");
         }
-        if self.chunk_size != chunk_size {
-            return mismatch("another chunk size");
+        if self.chunk_size != plan.chunk() || self.plan_connections != plan.connections() {
+            return mismatch("another range plan (chunk size or connections)");
         }
-        let ranges = size.div_ceil(chunk_size.max(1));
-        if self.written.len() as u64 != ranges {
+        if self.written.len() != plan.len() {
             return mismatch("another number of ranges");
         }
         let fits = self.written.iter().enumerate().all(|(i, w)| {
-            let start = i as u64 * chunk_size;
-            *w <= size.min(start + chunk_size) - start
+            let range = plan.range(i);
+            *w <= range.end - range.start
         });
         if !fits || self.hashed > size {
             return mismatch("a range or the hashed prefix is past its end");
@@ -186,6 +189,7 @@ mod tests {
             digest: digest().to_string(),
             size: 250,
             chunk_size: 100,
+            plan_connections: 1,
             validator: Some(Validator::ETag("\"v1\"".into())),
             written: vec![100, 40, 0],
             hashed: 100,
@@ -238,18 +242,28 @@ mod tests {
     fn check_refuses_another_object_or_version() {
         let j = journal();
         let v1 = Validator::ETag("\"v1\"".into());
-        assert_eq!(j.check(&digest(), 250, 100, Some(&v1)), Ok(()));
+        let plan = |size, chunk, connections| RangePlan::new(size, chunk, connections);
+        assert_eq!(j.check(&digest(), &plan(250, 100, 1), Some(&v1)), Ok(()));
         let other: Digest = format!("sha256:{}", "2".repeat(64)).parse().unwrap();
-        assert!(j.check(&other, 250, 100, Some(&v1)).is_err());
-        assert!(j.check(&digest(), 251, 100, Some(&v1)).is_err());
-        assert!(j.check(&digest(), 250, 50, Some(&v1)).is_err());
+        assert!(j.check(&other, &plan(250, 100, 1), Some(&v1)).is_err());
+        assert!(j.check(&digest(), &plan(251, 100, 1), Some(&v1)).is_err());
+        assert!(j.check(&digest(), &plan(250, 50, 1), Some(&v1)).is_err());
+        assert!(j.check(&digest(), &plan(250, 100, 2), Some(&v1)).is_err());
         assert!(
-            j.check(&digest(), 250, 100, Some(&Validator::ETag("\"v2\"".into())))
-                .is_err()
+            j.check(
+                &digest(),
+                &plan(250, 100, 1),
+                Some(&Validator::ETag("\"v2\"".into()))
+            )
+            .is_err()
         );
-        assert!(j.check(&digest(), 250, 100, None).is_err());
+        assert!(j.check(&digest(), &plan(250, 100, 1), None).is_err());
         let mut overfull = journal();
         overfull.written[2] = 51;
-        assert!(overfull.check(&digest(), 250, 100, Some(&v1)).is_err());
+        assert!(
+            overfull
+                .check(&digest(), &plan(250, 100, 1), Some(&v1))
+                .is_err()
+        );
     }
 }

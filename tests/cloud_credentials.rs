@@ -187,7 +187,8 @@ async fn credentials_that_expire_mid_transfer_and_are_not_renewed_fail_cleanly_t
     // The held credential was used to its expiry, not dropped at the failed refresh ahead.
     assert!(started.elapsed() >= lifetime, "{:?}", started.elapsed());
     assert!(
-        run.stderr.contains("cannot refresh credentials ahead of their expiry"),
+        run.stderr
+            .contains("cannot refresh credentials ahead of their expiry"),
         "{}",
         run.stderr
     );

@@ -139,7 +139,11 @@ async fn every_origin_fault_ends_as_the_matrix_says_and_the_daemon_goes_on() {
         let body = pseudo_random(SIZE, 500 + n as u64);
         origin.put(&path, body.clone());
         origin.set_fault(&path, row.fault.clone());
-        registrations.push(artifact(&format!("t/{}@1", row.name), &origin.url(&path), &body));
+        registrations.push(artifact(
+            &format!("t/{}@1", row.name),
+            &origin.url(&path),
+            &body,
+        ));
         bodies.push(body);
     }
     // Wrong bytes: the origin is sound, the registered digest is of other bytes of that size.
@@ -196,7 +200,10 @@ async fn every_origin_fault_ends_as_the_matrix_says_and_the_daemon_goes_on() {
     // The daemon goes on: a clean pull after all of them.
     let pull = daemon.pull_to_end("t/clean@1").await;
     assert_eq!(pull["state"], "staged", "{pull:#}");
-    assert_eq!(std::fs::read(pull["path"].as_str().unwrap()).unwrap(), clean);
+    assert_eq!(
+        std::fs::read(pull["path"].as_str().unwrap()).unwrap(),
+        clean
+    );
 
     // One event per pull, with its outcome and code.
     let events = events(&node, ids.len() + 1).await;
@@ -217,7 +224,10 @@ async fn every_origin_fault_ends_as_the_matrix_says_and_the_daemon_goes_on() {
     let hops = origin.get_count("/r/loop");
     assert!((2..=50).contains(&hops), "{hops} requests for the loop");
     assert!(
-        origin.requests().iter().all(|l| l.path.starts_with("/r/") || l.path == "/clean"),
+        origin
+            .requests()
+            .iter()
+            .all(|l| l.path.starts_with("/r/") || l.path == "/clean"),
         "{:#?}",
         origin.requests()
     );

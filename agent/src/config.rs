@@ -23,8 +23,9 @@ const NOT_CONFIG_VARS: &[&str] = &[
     "BLOBSTAGE_CONFIG",
     "BLOBSTAGE_SOCKET",
     "BLOBSTAGE_LOG",
-    // A test hook of debug builds (store.rs); release builds ignore it.
+    // Test hooks of debug builds (store.rs); release builds ignore them.
     "BLOBSTAGE_PAUSE_AT",
+    "BLOBSTAGE_PAUSE_UNTIL",
 ];
 
 /// Sections whose keys the environment may override, longest first so that

@@ -12,11 +12,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+/// `Retry-After`'s one parser, shared with the control-plane client.
+pub use control_client::parse_retry_after;
 use control_client::{
     BoxFuture, ControlPlaneError, Credentials, Digest, SourceDescriptor, SourceType,
 };
-/// `Retry-After`'s one parser, shared with the control-plane client.
-pub use control_client::parse_retry_after;
 use futures_util::stream::BoxStream;
 
 use crate::config::Config;

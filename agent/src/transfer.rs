@@ -371,12 +371,8 @@ impl Transfer {
         };
         let resumed = progress.total();
         let hash_resumed_from = start.hashed;
-        let (feed, hashed) = digest::spawn(
-            start,
-            self.file.clone(),
-            size,
-            self.settings.hash_window,
-        );
+        let (feed, hashed) =
+            digest::spawn(start, self.file.clone(), size, self.settings.hash_window);
         announce_on_disk(&feed, &progress, hash_resumed_from);
 
         let journal = self.journal.clone().filter(|_| ranged);
@@ -642,8 +638,8 @@ impl Worker {
             Ok(())
         })
         .await
-            .expect("pwrite task panicked")
-            .map_err(Fetch::Write)?;
+        .expect("pwrite task panicked")
+        .map_err(Fetch::Write)?;
         let len = bytes.len() as u64;
         trace!(index, offset = at, len, "block written");
         self.progress.record(index, len);

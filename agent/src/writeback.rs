@@ -27,11 +27,6 @@ pub(crate) fn start(file: &File, offset: u64, len: u64) {
     // SAFETY: sync_file_range takes plain integers and touches no memory of this process; the
     // descriptor belongs to `file`, which is borrowed, so it stays open for the call.
     let _ = unsafe {
-        libc::sync_file_range(
-            file.as_raw_fd(),
-            offset,
-            len,
-            libc::SYNC_FILE_RANGE_WRITE,
-        )
+        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE)
     };
 }

@@ -67,7 +67,10 @@ impl RangePlan {
             let len = match uniform {
                 true => rest,
                 false => {
-                    let len = rest.div_ceil(share).next_multiple_of(ALIGN).clamp(min, chunk);
+                    let len = rest
+                        .div_ceil(share)
+                        .next_multiple_of(ALIGN)
+                        .clamp(min, chunk);
                     // No sliver after it: a last range shorter than the smallest joins this one.
                     if len >= rest || (rest - len < min && rest <= chunk) {
                         rest
@@ -218,7 +221,9 @@ mod tests {
         // 512 MiB for 32 connections of 16 MiB: no range of a whole chunk, ranges shrink to
         // 1 MiB, and the last 32 ranges together are far less than 31 chunks (496 MiB).
         let plan = RangePlan::new(512 * MIB, 16 * MIB, 32);
-        let lens: Vec<u64> = (0..plan.len()).map(|i| plan.range(i).end - plan.range(i).start).collect();
+        let lens: Vec<u64> = (0..plan.len())
+            .map(|i| plan.range(i).end - plan.range(i).start)
+            .collect();
         let before_last = &lens[..lens.len() - 1];
         assert!(before_last.windows(2).all(|w| w[0] >= w[1]), "{lens:?}");
         assert_eq!(lens[0], 8 * MIB);

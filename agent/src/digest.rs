@@ -135,9 +135,30 @@ struct Piece {
 pub struct HashFeed {
     tx: mpsc::Sender<Piece>,
     /// The hashed prefix, as the hasher last published it.
-    frontier: Arc<AtomicU64>,
+    frontier: Arc<Published>,
     window: u64,
     latest: Arc<Mutex<Checkpoint>>,
+}
+
+/// The hashed prefix as the hasher publishes it, for writers to lend against and wait on.
+#[derive(Debug, Default)]
+struct Published {
+    hashed: AtomicU64,
+    /// The hasher has stopped: nothing will move the frontier again.
+    stopped: std::sync::atomic::AtomicBool,
+    moved: tokio::sync::Notify,
+}
+
+impl Published {
+    fn set(&self, hashed: u64) {
+        self.hashed.store(hashed, Ordering::Release);
+        self.moved.notify_waiters();
+    }
+
+    fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        self.moved.notify_waiters();
+    }
 }
 
 impl HashFeed {
@@ -147,6 +168,7 @@ impl HashFeed {
         let lend = offset + len
             <= self
                 .frontier
+                .hashed
                 .load(Ordering::Acquire)
                 .saturating_add(self.window);
         let bytes = lend.then_some(bytes);
@@ -161,6 +183,26 @@ impl HashFeed {
             len,
             bytes: None,
         });
+    }
+
+    /// Waits until the hashed prefix is within `lead` bytes of `end`, or the hasher stopped.
+    ///
+    /// Writers call it after each block, so that the transfer never runs further ahead of the
+    /// hasher than the ranges in flight need: when both cores are busy, a hasher left behind
+    /// would otherwise finish alone after the last byte, reading back from the page cache
+    /// everything it fell behind by, while the network tasks sit idle.
+    pub async fn within(&self, end: u64, lead: u64) {
+        let published = &self.frontier;
+        loop {
+            let moved = published.moved.notified();
+            tokio::pin!(moved);
+            moved.as_mut().enable();
+            let hashed = published.hashed.load(Ordering::Acquire);
+            if end <= hashed.saturating_add(lead) || published.stopped.load(Ordering::Acquire) {
+                return;
+            }
+            moved.await;
+        }
     }
 
     /// The hasher's latest state, for a journal checkpoint.
@@ -189,7 +231,8 @@ pub fn spawn(
     window: u64,
 ) -> (HashFeed, oneshot::Receiver<std::io::Result<Hashed>>) {
     let (tx, rx) = mpsc::channel();
-    let frontier = Arc::new(AtomicU64::new(start.hashed));
+    let frontier = Arc::new(Published::default());
+    frontier.set(start.hashed);
     let latest = Arc::new(Mutex::new(start.clone()));
     let (done_tx, done_rx) = oneshot::channel();
     let state = Frontier {
@@ -206,7 +249,10 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("blobstage-hash".into())
         .spawn(move || {
-            let _ = done_tx.send(state.run(rx));
+            let published = state.frontier.clone();
+            let hashed = state.run(rx);
+            published.stop();
+            let _ = done_tx.send(hashed);
         })
         .expect("cannot start the hasher thread");
     (
@@ -234,7 +280,7 @@ struct Frontier {
     read_back: u64,
     /// Blocks announced and not yet hashed, by offset.
     pieces: BTreeMap<u64, Block>,
-    frontier: Arc<AtomicU64>,
+    frontier: Arc<Published>,
     latest: Arc<Mutex<Checkpoint>>,
     file: Arc<File>,
     size: u64,
@@ -292,7 +338,7 @@ impl Frontier {
                 hasher: self.hasher.clone(),
             };
             *self.latest.lock().expect("checkpoint lock") = checkpoint;
-            self.frontier.store(self.hashed, Ordering::Release);
+            self.frontier.set(self.hashed);
         }
         Ok(())
     }
@@ -307,6 +353,8 @@ impl Frontier {
             self.hasher.update(&self.buffer);
             self.hashed += step as u64;
             self.read_back += step as u64;
+            // Writers waiting on the frontier go on a block at a time, not after all of `len`.
+            self.frontier.set(self.hashed);
         }
         Ok(())
     }
@@ -326,6 +374,7 @@ mod tests {
     use super::*;
     use crate::transfer::plan::RangePlan;
     use proptest::prelude::*;
+    use std::time::Duration;
 
     fn one_shot(algorithm: Algorithm, data: &[u8]) -> Digest {
         let mut h = Hasher::new(algorithm);
@@ -357,6 +406,35 @@ mod tests {
         }
         drop(feed);
         done.blocking_recv().unwrap().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_writer_too_far_ahead_waits_for_the_hasher_until_it_moves_or_stops() {
+        let data = pseudo(4096);
+        let file = Arc::new(tempfile::tempfile().unwrap());
+        file.write_all_at(&data, 0).unwrap();
+        let (feed, done) = spawn(Checkpoint::start(Algorithm::Sha256), file, 4096, 0);
+        // Everything but the first 1,024 bytes is in: the hasher cannot move.
+        feed.on_disk(1024, 3072);
+        let waiting = feed.within(4096, 1024);
+        tokio::pin!(waiting);
+        let early = tokio::time::timeout(Duration::from_millis(100), &mut waiting).await;
+        assert!(early.is_err(), "let go before the frontier moved");
+        // The prefix lands, the hasher hashes all of it, and the writer is let go.
+        feed.on_disk(0, 1024);
+        tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("let go once the frontier moved");
+        let hashed = done.await.unwrap().unwrap();
+        assert_eq!(hashed.digest, Some(one_shot(Algorithm::Sha256, &data)));
+        // The hasher has stopped: nobody waits on it any more, however far ahead.
+        tokio::time::timeout(Duration::from_secs(10), feed.within(u64::MAX, 0))
+            .await
+            .expect("let go once the hasher stopped");
+    }
+
+    fn pseudo(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 31 % 251) as u8).collect()
     }
 
     proptest! {

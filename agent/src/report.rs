@@ -206,7 +206,7 @@ impl Outbox {
     /// plane is down, and ends when `stop` fires (after one last attempt). A new event cuts a
     /// backoff short: the pull that made it has just talked to the control plane (or tried
     /// to), so a control plane that is back is found at once rather than after up to
-    /// [`MAX_BACKOFF`], and one that is still down costs one call per pull.
+    /// `MAX_BACKOFF` (a minute), and one that is still down costs one call per pull.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
         let mut backoff = Duration::from_millis(500);
         loop {

@@ -1,4 +1,4 @@
-//! Write-behind: the kernel is asked to start writing a block to disk as soon as it is written.
+//! Write-behind: the kernel is asked to start writing what a transfer wrote to disk early.
 //!
 //! Without it, a transfer at disk speed leaves hundreds of megabytes dirty in the page cache
 //! until a checkpoint's `fdatasync` writes them all at once; while that runs, writing goes on,
@@ -18,15 +18,11 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 
-/// Starts writing `len` bytes of `file` at `offset` to disk, without waiting. Advisory: a
-/// failure (a file system that has nothing to write back) changes nothing, so none is reported.
-pub(crate) fn start(file: &File, offset: u64, len: u64) {
-    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
-        return;
-    };
+/// Starts writing every dirty page of `file` to disk, without waiting. Advisory: a failure (a
+/// file system that has nothing to write back) changes nothing, so none is reported.
+pub(crate) fn start(file: &File) {
     // SAFETY: sync_file_range takes plain integers and touches no memory of this process; the
-    // descriptor belongs to `file`, which is borrowed, so it stays open for the call.
-    let _ = unsafe {
-        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE)
-    };
+    // descriptor belongs to `file`, which is borrowed, so it stays open for the call. Offset 0
+    // and length 0 name the whole file.
+    let _ = unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
 }

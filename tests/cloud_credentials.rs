@@ -8,8 +8,9 @@
 //! control plane issues carry their expiry. Transfers are slowed by relays that hold every
 //! request, so that they outlive the credentials they start with. Also here: a control plane
 //! that refuses to issue credentials, a credential of the wrong kind, public objects read
-//! unsigned with `{"kind": "none"}`, and sentinel tests that no secret leaves the agent, `fetch` or
-//! the daemon (its log, `/metrics`, API answers, events and files).
+//! unsigned with `{"kind": "none"}`, and sentinel tests that no secret (an S3 secret key and
+//! session token, an Azure SAS, a GCS bearer token) leaves the agent, `fetch` or the daemon
+//! (its log, `/metrics`, API answers, events and files).
 
 mod support;
 
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{Value, json};
 use support::agent::{CHUNK, Setup, files_containing, pseudo_random};
 use support::cloud::{
-    Azurite, BUCKET, Backend, S3s, account_sas, key, node, node_with, registration,
+    Azurite, BUCKET, Backend, FakeGcs, S3s, account_sas, key, node, node_with, registration,
 };
 use support::daemon::{Node, tcp_get};
 use support::front::{Front, FrontOptions, Judge};
@@ -322,11 +323,16 @@ async fn public_objects_are_read_unsigned_and_private_ones_are_not() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_secret_key_session_token_or_sas_leaves_the_agent() {
-    let (Some(s3), Some(azurite)) = (S3s::start().await, Azurite::start().await) else {
+async fn no_secret_key_session_token_sas_or_bearer_leaves_the_agent() {
+    let (Some(s3), Some(azurite), Some(gcs)) = (
+        S3s::start().await,
+        Azurite::start().await,
+        FakeGcs::start().await,
+    ) else {
         return;
     };
     let token = "SENTINEL-session-token-93c1";
+    let bearer = "SENTINEL-gcs-bearer-5d0f";
     let secret = s3.0.secret_key().to_owned();
     assert!(
         secret.contains("SENTINEL"),
@@ -336,9 +342,12 @@ async fn no_secret_key_session_token_or_sas_leaves_the_agent() {
     let (found, missing) = (key("secret-ok"), key("secret-missing"));
     s3.put(&found, &body).await;
     azurite.put(&found, &body).await;
+    gcs.put(&found, &body).await;
 
-    let both = s3.config(s3.addr(), BUCKET) + &azurite.config(azurite.addr(), BUCKET);
-    let mut setup = node_with(&both, 2);
+    let all = s3.config(s3.addr(), BUCKET)
+        + &azurite.config(azurite.addr(), BUCKET)
+        + &gcs.config(gcs.addr(), BUCKET);
+    let mut setup = node_with(&all, 2);
     setup.env("BLOBSTAGE_LOG", "trace");
     let with = |id: &str, backend: &dyn Fn(&str) -> Value, key: &str, credential: &Value| {
         let mut r = backend(key);
@@ -357,21 +366,25 @@ async fn no_secret_key_session_token_or_sas_leaves_the_agent() {
         "expires_at": support::cloud::rfc3339_in(Duration::from_secs(3600))});
     let on_s3 = |k: &str| registration(&s3, s3.addr(), k, &body);
     let on_azure = |k: &str| registration(&azurite, azurite.addr(), k, &body);
+    let on_gcs = |k: &str| registration(&gcs, gcs.addr(), k, &body);
+    let bearer_credential = json!({"kind": "bearer", "token": bearer});
     setup.register(&[
         with("t/s3-ok@1", &on_s3, &found, &s3_credential),
         with("t/s3-missing@1", &on_s3, &missing, &s3_credential),
         with("t/az-ok@1", &on_azure, &found, &sas_credential),
         with("t/az-missing@1", &on_azure, &missing, &sas_credential),
+        with("t/gcs-ok@1", &on_gcs, &found, &bearer_credential),
+        with("t/gcs-missing@1", &on_gcs, &missing, &bearer_credential),
     ]);
 
     let mut runs = Vec::new();
-    for id in ["t/s3-ok@1", "t/az-ok@1"] {
+    for id in ["t/s3-ok@1", "t/az-ok@1", "t/gcs-ok@1"] {
         let run = setup.fetch(id).await;
         run.staged_path();
         std::fs::remove_dir_all(setup.state_dir().join("blobs")).unwrap();
         runs.push(run);
     }
-    for id in ["t/s3-missing@1", "t/az-missing@1"] {
+    for id in ["t/s3-missing@1", "t/az-missing@1", "t/gcs-missing@1"] {
         let run = setup.fetch_with(&["--json", id]).await;
         run.error("source_not_found");
         runs.push(run);
@@ -380,7 +393,7 @@ async fn no_secret_key_session_token_or_sas_leaves_the_agent() {
         runs[0].stderr.lines().count() > 10,
         "TRACE logging was not on"
     );
-    for needle in [secret.as_str(), token, &sig, &decoded_sig] {
+    for needle in [secret.as_str(), token, &sig, &decoded_sig, bearer] {
         for run in &runs {
             assert!(
                 !run.stderr.contains(needle),

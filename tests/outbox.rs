@@ -27,10 +27,12 @@ fn take_down(setup: &Setup) {
     fs::write(&dir, b"not a directory").unwrap();
 }
 
+/// Removes the file in the way; the daemon may create the directory itself the moment it is
+/// gone (the file control plane makes its log's directory), so it may already exist.
 fn bring_up(setup: &Setup) {
     let dir = control_plane_dir(setup);
     fs::remove_file(&dir).unwrap();
-    fs::create_dir(&dir).unwrap();
+    fs::create_dir_all(&dir).unwrap();
 }
 
 fn delivered(setup: &Setup) -> Vec<Value> {

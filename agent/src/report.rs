@@ -215,12 +215,13 @@ impl Outbox {
                 Err(e) => {
                     warn!(depth = self.depth(), retry_in = ?backoff, error = %Chain(&e),
                         "cannot deliver events; they wait in the outbox");
+                    // Only a wait that ran out lengthens the next one: during an outage, an
+                    // attempt made for each new event must not push the backoff to its maximum.
                     tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
+                        () = tokio::time::sleep(backoff) => backoff = (backoff * 2).min(MAX_BACKOFF),
                         () = self.wake.notified() => {}
                         () = stop.cancelled() => return,
                     }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
                     continue;
                 }
             }

@@ -182,6 +182,14 @@ impl HttpControlPlane {
         if !answer.status.is_success() {
             return Err(answer.refusal(&call));
         }
+        // A 2xx whose body is not JSON (say, an HTML page from a proxy in the way) is not a
+        // control plane taking the events: they stay in the outbox and go again.
+        let empty = answer.body.iter().all(u8::is_ascii_whitespace);
+        if !empty && serde_json::from_slice::<serde::de::IgnoredAny>(&answer.body).is_err() {
+            return Err(ControlPlaneError::Malformed {
+                what: format!("{call}: the answer is not JSON"),
+            });
+        }
         Ok(())
     }
 

@@ -666,6 +666,27 @@ async fn events_are_posted_as_serialized() {
     assert_eq!(body, json!({ "events": expected }));
 }
 
+/// A 2xx that is not JSON (an HTML page from a proxy) did not take the events; an empty 2xx
+/// or any JSON did.
+#[tokio::test]
+async fn events_answered_with_a_page_that_is_not_json_are_not_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let replies = vec![
+        Reply::text(200, "<html>captive portal</html>"),
+        Reply::status(204),
+        Reply::json(200, json!({"accepted": 1})),
+    ];
+    let server = Server::start(replies).await;
+    let cp = plane(options(&server, dir.path()));
+    let events = [Event::new("node-a", Operation::Verify, Outcome::Verified)];
+
+    let refused = cp.report(&events).await.unwrap_err();
+    assert_eq!(refused.code(), "control_plane_unavailable", "{refused}");
+    cp.report(&events).await.unwrap();
+    cp.report(&events).await.unwrap();
+    assert_eq!(server.seen().len(), 3);
+}
+
 // ---- TLS -------------------------------------------------------------------------------
 
 #[tokio::test]

@@ -180,6 +180,19 @@ async fn a_full_outbox_refuses_new_pulls_and_drops_nothing() {
 
     bring_up(&node.setup);
     wait_for("the outbox drains", || delivered(&node.setup).len() >= 2).await;
+    // Delivered is not yet removed: the daemon takes new pulls once its outbox says so.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, status) = daemon.request("GET", "/v1/status", None).await;
+        if status["outbox"]["depth"] == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the outbox stays full: {status:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     pull_staged(&daemon, "t/e2@1").await;
     wait_for("the third event", || delivered(&node.setup).len() >= 3).await;
     assert_once_each(&delivered(&node.setup), 3);

@@ -2,9 +2,10 @@
 //!
 //! # Design
 //!
-//! The object is cut into ranges of `chunk_size`, finer towards its end ([`plan`]). Up to `connections` workers take
-//! the next unclaimed range, stream it, and write it at its offset with `pwrite` in blocks of
-//! [`WRITE_BLOCK`], so memory is a block per connection plus the hasher's window, never a range.
+//! The object is cut into ranges of `chunk_size`, finer towards its end ([`plan`]). Up to
+//! `connections` workers take the next unclaimed range, stream it, and write it at its offset
+//! with one vectored `pwrite` per block of at most [`WRITE_BLOCK`], so memory is a block per
+//! connection plus the hasher's window, never a range.
 //! After each block is written, the ordered hasher ([`crate::digest`]) hears of it; hashing thus
 //! overlaps the transfer and the digest is ready when the last block lands.
 //!
@@ -75,16 +76,16 @@ pub const WRITE_BLOCK: usize = 1 << 20;
 
 /// The blocks being filled by all connections of one transfer together, at most: with more
 /// than 16 connections, each fills a smaller block (down to [`MIN_WRITE_BLOCK`]), so memory
-/// stays flat as connections are added (measured: about 3 MiB per connection with 1 MiB blocks,
-/// the block, its copy lent to the hasher and the connection's own buffers).
+/// grows less as connections are added (measured before: about 3 MiB per connection with 1 MiB
+/// blocks, the block and the connection's own buffers).
 pub const BLOCKS_BUDGET: usize = 16 << 20;
 
 /// The smallest block, however many connections: `pwrite`s below it cost more in calls.
 pub const MIN_WRITE_BLOCK: usize = 256 << 10;
 
 /// Bytes written between two starts of writeback: large enough that the disk gets large
-/// requests (a start per 1 MiB block cost 5-10 % of the wall time on the benchmark), small
-/// enough that a checkpoint's `fdatasync` has little left.
+/// requests (a start per 1 MiB block looked 5-10 % slower on the benchmark, within its noise),
+/// small enough that a checkpoint's `fdatasync` has little left.
 pub const WRITEBACK_EVERY: u64 = 32 << 20;
 
 /// The settings of one transfer.

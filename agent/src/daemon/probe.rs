@@ -2,7 +2,7 @@
 //!
 //! The file-backed control plane is usable while its registry is a file: a `stat` per check.
 //! The HTTP control plane is judged by what it last answered. Every call the daemon makes to it
-//! goes through [`Watched`], which records the outcome: `control_plane_unavailable` (down,
+//! goes through `Watched`, which records the outcome: `control_plane_unavailable` (down,
 //! timing out, answering garbage) or `control_plane_denied` (the node token is refused) mark it
 //! unusable; any other answer, a refusal or a 404 included, shows that it works. When nothing
 //! was seen for [`PROBE_AFTER`], a readiness check starts one probe in the background (an empty

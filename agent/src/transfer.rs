@@ -27,7 +27,7 @@
 //! of `connections × chunk_size`) and the blocks being filled (at most a quarter chunk per
 //! connection): less than `connections × chunk_size` in all, when the disk keeps up. The
 //! disk is helped to keep up: writeback of what was written is started every
-//! [`WRITEBACK_EVERY`] bytes ([`crate::writeback`]), so a checkpoint's `fdatasync` waits only
+//! [`WRITEBACK_EVERY`] bytes (`crate::writeback`), so a checkpoint's `fdatasync` waits only
 //! for the last few blocks instead of everything written since the one before.
 //!
 //! An origin that answers a ranged request with the whole object cannot be trusted with ranges

@@ -24,7 +24,7 @@
 //! Credentials. Each request first takes [`Credentials::current`] (refreshed ahead of its
 //! expiry once for all ranges), and object_store signs it with exactly that credential: the
 //! [`CredentialProvider`] it calls reads the credential from the request's task-local
-//! [`Exchange`]. A 401 or 403 therefore names the credential that was refused, which is
+//! `Exchange`. A 401 or 403 therefore names the credential that was refused, which is
 //! [`Credentials::refresh`]ed (one control-plane call for all ranges refused with it) before
 //! that one request is tried again, once. A `none` credential goes out unsigned through a second
 //! client built with `skip_signature`; both clients are given our provider, so no builder is
@@ -394,7 +394,7 @@ fn find<'e, T: StdError + 'static>(error: &'e (dyn StdError + 'static)) -> Optio
 }
 
 /// The [`CredentialProvider`] object_store calls before every request: the credential the
-/// request's [`Exchange`] carries, converted for the store. Outside a request of
+/// request's `Exchange` carries, converted for the store. Outside a request of
 /// [`CloudSource`] (never, today) it asks [`Credentials::current`].
 pub struct Issued<C: Cloud> {
     credentials: Credentials,

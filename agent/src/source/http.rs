@@ -1,12 +1,12 @@
 //! The HTTP exchange the web sources share (`https`, `huggingface`): one request with its
 //! redirects followed by hand, and the strict reading of a ranged answer.
 //!
-//! [`Exchange::send`] runs every URL through the caller's policy gate before contacting it,
+//! `Exchange::send` runs every URL through the caller's policy gate before contacting it,
 //! sends the bearer token only to the one origin it was issued for (scheme, host and port),
 //! and answers a 401 or 403 from that origin once with a refreshed token. Which redirects it
 //! follows is the caller's choice: all of them, or only those that stay on the token's origin
 //! (the Hub's resolve request must stop at the redirect to its CDN and read that answer's
-//! headers). [`check_range`] accepts only an answer that is exactly the bytes asked for. Nothing
+//! headers). `check_range` accepts only an answer that is exactly the bytes asked for. Nothing
 //! here knows about validators: each source pins its version its own way.
 
 use std::ops::Range;

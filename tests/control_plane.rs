@@ -266,16 +266,7 @@ async fn a_control_plane_answering_garbage_fails_the_pull_and_the_daemon_goes_on
     assert_eq!(staged["state"], "staged", "{staged:#}");
     let path = staged["path"].as_str().unwrap();
     assert_eq!(std::fs::read(path).unwrap(), body);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while plane.events().len() < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "the events did not both arrive: {:#?}\n{}",
-            plane.events(),
-            daemon.output()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for("both events arrive", || plane.events().len() >= 2).await;
     let events = plane.events();
     assert_once_each(&events);
     let outcomes: Vec<&str> = events

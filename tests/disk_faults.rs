@@ -149,16 +149,8 @@ async fn a_disk_that_fills_during_the_transfer_still_stages_the_blob_it_reserved
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     fill(&setup.state_dir().join("filler"));
-    let output = tokio::task::spawn_blocking(move || child.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
+    let stderr = staged(child, &body).await;
 
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stderr}");
-    let json: Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!(json["outcome"], "staged");
-    assert_eq!(std::fs::read(json["path"].as_str().unwrap()).unwrap(), body);
     let warnings = stderr.matches("cannot record progress").count();
     assert_eq!(warnings, 1, "{stderr}");
     let events = setup.all_events();
@@ -223,21 +215,28 @@ async fn a_disk_that_fills_exactly_during_the_publish_still_stages_the_blob() {
     let full = std::fs::File::create(setup.state_dir().join("one-more")).unwrap_err();
     assert_eq!(full.raw_os_error(), Some(28), "{full}"); // ENOSPC
     std::fs::write(&go, b"").unwrap();
-    let output = tokio::task::spawn_blocking(move || child.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
+    let stderr = staged(child, &body).await;
 
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stderr}");
-    let json: Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!(json["outcome"], "staged", "{stderr}");
     assert_eq!(std::fs::read(setup.blob_path(&hex)).unwrap(), body);
     // The event went to the outbox in the room the publish freed (the journal), or, when
     // there was none, to the control plane directly: either way it is recorded once.
     let events = setup.all_events();
     assert_eq!(events.len(), 1, "{events:#?}\n{stderr}");
     assert_eq!(events[0]["outcome"], "staged");
+}
+
+/// Waits for a `fetch --json` run and asserts that it staged `body`; returns its stderr.
+async fn staged(child: std::process::Child, body: &[u8]) -> String {
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "{stderr}");
+    let json: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(json["outcome"], "staged", "{stderr}");
+    assert_eq!(std::fs::read(json["path"].as_str().unwrap()).unwrap(), body);
+    stderr
 }
 
 /// Writes zeros to `path` until the filesystem is full.

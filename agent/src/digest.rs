@@ -123,11 +123,12 @@ impl Checkpoint {
     }
 }
 
-/// A block written to the ingest file, with its bytes when the window lent them.
+/// A block written to the ingest file, with its bytes (the parts it was written from) when
+/// the window lent them.
 struct Piece {
     offset: u64,
     len: u64,
-    bytes: Option<Bytes>,
+    parts: Option<Vec<Bytes>>,
 }
 
 /// The writers' side of the ordered hasher.
@@ -162,18 +163,18 @@ impl Published {
 }
 
 impl HashFeed {
-    /// Tells the hasher that `bytes` are on disk at `offset`. Never blocks.
-    pub fn written(&self, offset: u64, bytes: Bytes) {
-        let len = bytes.len() as u64;
+    /// Tells the hasher that the block `parts`, in order, is on disk at `offset`. Never blocks.
+    pub fn written(&self, offset: u64, parts: Vec<Bytes>) {
+        let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
         let lend = offset + len
             <= self
                 .frontier
                 .hashed
                 .load(Ordering::Acquire)
                 .saturating_add(self.window);
-        let bytes = lend.then_some(bytes);
+        let parts = lend.then_some(parts);
         // A send fails only once the hasher has stopped; the bytes are on disk regardless.
-        let _ = self.tx.send(Piece { offset, len, bytes });
+        let _ = self.tx.send(Piece { offset, len, parts });
     }
 
     /// Tells the hasher that `len` bytes at `offset` are on disk from an earlier run.
@@ -181,7 +182,7 @@ impl HashFeed {
         let _ = self.tx.send(Piece {
             offset,
             len,
-            bytes: None,
+            parts: None,
         });
     }
 
@@ -193,12 +194,16 @@ impl HashFeed {
     /// everything it fell behind by, while the network tasks sit idle.
     pub async fn within(&self, end: u64, lead: u64) {
         let published = &self.frontier;
-        loop {
+        let near = || {
+            let hashed = published.hashed.load(Ordering::Acquire);
+            end <= hashed.saturating_add(lead) || published.stopped.load(Ordering::Acquire)
+        };
+        // Registered before the second look, so that a move between the two is not missed.
+        while !near() {
             let moved = published.moved.notified();
             tokio::pin!(moved);
             moved.as_mut().enable();
-            let hashed = published.hashed.load(Ordering::Acquire);
-            if end <= hashed.saturating_add(lead) || published.stopped.load(Ordering::Acquire) {
+            if near() {
                 return;
             }
             moved.await;
@@ -268,8 +273,8 @@ pub fn spawn(
 
 /// A block the hasher has heard of and not yet hashed.
 enum Block {
-    /// Lent by the writer: hashed from memory.
-    Lent(Bytes),
+    /// Lent by the writer: hashed from memory, part after part.
+    Lent(Vec<Bytes>),
     /// Only announced: this many bytes are read back from the file.
     OnDisk(u64),
 }
@@ -305,8 +310,8 @@ impl Frontier {
     }
 
     fn accept(&mut self, piece: Piece) {
-        let block = match piece.bytes {
-            Some(bytes) => Block::Lent(bytes),
+        let block = match piece.parts {
+            Some(parts) => Block::Lent(parts),
             None => Block::OnDisk(piece.len),
         };
         self.pieces.insert(piece.offset, block);
@@ -325,9 +330,11 @@ impl Frontier {
                 break;
             }
             match entry.remove() {
-                Block::Lent(bytes) => {
-                    self.hasher.update(&bytes);
-                    self.hashed += bytes.len() as u64;
+                Block::Lent(parts) => {
+                    for part in parts {
+                        self.hasher.update(&part);
+                        self.hashed += part.len() as u64;
+                    }
                 }
                 Block::OnDisk(len) => self.read_back(len)?,
             }
@@ -401,7 +408,7 @@ mod tests {
                 let end = (start + piece as u64).min(range.end);
                 let bytes = Bytes::copy_from_slice(&data[start as usize..end as usize]);
                 file.write_all_at(&bytes, start).unwrap();
-                feed.written(start, bytes);
+                feed.written(start, vec![bytes]);
             }
         }
         drop(feed);

@@ -601,7 +601,7 @@ impl Worker {
         let mut offset = want.start;
         let mut got = 0u64;
         let outcome = loop {
-            let chunk = match stream.next().await {
+            let mut chunk = match stream.next().await {
                 None if got == expected => break Ok(()),
                 None => {
                     break Err(SourceError::Truncated {
@@ -613,7 +613,6 @@ impl Worker {
                 Some(Err(e)) => break Err(e),
                 Some(Ok(chunk)) => chunk,
             };
-            let mut chunk = chunk;
             if got + chunk.len() as u64 > expected {
                 break Err(SourceError::Overlong {
                     uri: self.uri(),
@@ -665,12 +664,7 @@ impl Worker {
         trace!(index, offset = at, len, "block written");
         self.progress.record(index, len);
         *offset += len;
-        let mut part_at = at;
-        for part in parts {
-            let part_len = part.len() as u64;
-            self.feed.written(part_at, part);
-            part_at += part_len;
-        }
+        self.feed.written(at, parts);
         self.feed.within(at + len, self.lead).await;
         // A checkpoint that cannot be written (a full disk) costs only resume progress: the
         // last journal written stays valid, and the bytes are on disk all the same.
@@ -741,6 +735,12 @@ enum Fetch {
     Write(std::io::Error),
 }
 
+impl From<SourceError> for Fetch {
+    fn from(e: SourceError) -> Self {
+        Fetch::Source(e)
+    }
+}
+
 /// Network chunks for more than this many parts are written before the block is full: a
 /// vectored write takes at most `IOV_MAX` (1,024) of them.
 const MAX_PARTS: usize = 256;
@@ -765,7 +765,6 @@ impl Block {
 fn write_all_vectored_at(file: &File, parts: &[Bytes], mut at: u64) -> std::io::Result<()> {
     let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
     let mut rest = &mut slices[..];
-    IoSlice::advance_slices(&mut rest, 0);
     while !rest.is_empty() {
         match rustix::io::pwritev(file, rest, at) {
             Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
@@ -778,12 +777,6 @@ fn write_all_vectored_at(file: &File, parts: &[Bytes], mut at: u64) -> std::io::
         }
     }
     Ok(())
-}
-
-impl From<SourceError> for Fetch {
-    fn from(e: SourceError) -> Self {
-        Fetch::Source(e)
-    }
 }
 
 fn encode_hex(bytes: &[u8]) -> String {

@@ -283,28 +283,24 @@ impl Credentials {
     pub async fn current(&self) -> Result<Credential, ControlPlaneError> {
         let mut held = self.slot.held.lock().await;
         let now = SystemTime::now();
-        match held.as_mut() {
-            Some(h) if self.slot.issuer.is_none() || !h.due(now) => Ok(h.credential.clone()),
-            Some(h) if !h.expired(now) => match self.slot.fetch(true).await {
-                Ok(fresh) => {
-                    let credential = fresh.credential.clone();
-                    *held = Some(fresh);
-                    Ok(credential)
-                }
-                Err(error) => {
-                    tracing::warn!(credentials = ?self, error = %error,
-                        "cannot refresh credentials ahead of their expiry; using them until then");
-                    h.retry_at = Some(now + RETRY_AHEAD_AFTER);
-                    Ok(h.credential.clone())
-                }
-            },
-            _ => {
-                let fresh = self.slot.fetch(held.is_some()).await?;
-                let credential = fresh.credential.clone();
-                *held = Some(fresh);
-                Ok(credential)
-            }
+        if let Some(h) = held.as_ref()
+            && (self.slot.issuer.is_none() || !h.due(now))
+        {
+            return Ok(h.credential.clone());
         }
+        let fresh = match (self.slot.fetch(held.is_some()).await, held.as_mut()) {
+            (Ok(fresh), _) => fresh,
+            (Err(error), Some(h)) if !h.expired(now) => {
+                tracing::warn!(credentials = ?self, error = %error,
+                    "cannot refresh credentials ahead of their expiry; using them until then");
+                h.retry_at = Some(now + RETRY_AHEAD_AFTER);
+                return Ok(h.credential.clone());
+            }
+            (Err(error), _) => return Err(error),
+        };
+        let credential = fresh.credential.clone();
+        *held = Some(fresh);
+        Ok(credential)
     }
 
     /// A new credential after `rejected` was refused by the source. When another caller

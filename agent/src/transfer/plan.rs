@@ -52,42 +52,28 @@ impl RangePlan {
     /// `chunk` must not be zero.
     pub fn new(size: u64, chunk: u64, connections: u32) -> Self {
         assert!(chunk > 0, "a range plan needs a non-zero chunk size");
-        let share = 2 * u64::from(connections.max(1));
-        let uniform = connections <= 1;
-        // The body ends where fewer than `share` chunks remain.
-        let body = match uniform {
-            true => size / chunk,
-            false => size.saturating_sub(share * chunk) / chunk,
+        let connections = connections.max(1);
+        let (body, tail) = match connections {
+            1 => (
+                size / chunk,
+                (!size.is_multiple_of(chunk))
+                    .then_some(size)
+                    .into_iter()
+                    .collect(),
+            ),
+            _ => {
+                // The body ends where fewer than `share` chunks remain.
+                let share = 2 * u64::from(connections);
+                let body = size.saturating_sub(share * chunk) / chunk;
+                (body, taper(body * chunk, size, chunk, share))
+            }
         };
-        let min = min_range(chunk);
-        let mut tail = Vec::new();
-        let mut start = body * chunk;
-        while start < size {
-            let rest = size - start;
-            let len = match uniform {
-                true => rest,
-                false => {
-                    let len = rest
-                        .div_ceil(share)
-                        .next_multiple_of(ALIGN)
-                        .clamp(min, chunk);
-                    // No sliver after it: a last range shorter than the smallest joins this one.
-                    if len >= rest || (rest - len < min && rest <= chunk) {
-                        rest
-                    } else {
-                        len
-                    }
-                }
-            };
-            start += len;
-            tail.push(start);
-        }
         RangePlan {
             size,
             chunk,
-            connections: connections.max(1),
+            connections,
             body,
-            tail: tail.into(),
+            tail,
         }
     }
 
@@ -129,6 +115,28 @@ impl RangePlan {
         };
         start..self.tail[i]
     }
+}
+
+/// The ends of the ranges that cut `start..size` finer and finer: `rest / share` each, within
+/// [`min_range`] and `chunk`, and no sliver shorter than the smallest range after the last.
+fn taper(mut start: u64, size: u64, chunk: u64, share: u64) -> Arc<[u64]> {
+    let min = min_range(chunk);
+    let mut ends = Vec::new();
+    while start < size {
+        let rest = size - start;
+        let len = rest
+            .div_ceil(share)
+            .next_multiple_of(ALIGN)
+            .clamp(min, chunk);
+        // No sliver after it: a last range shorter than the smallest joins this one.
+        start += if len >= rest || (rest - len < min && rest <= chunk) {
+            rest
+        } else {
+            len
+        };
+        ends.push(start);
+    }
+    ends.into()
 }
 
 /// How much of each range is written to the ingest file.

@@ -123,6 +123,18 @@ headline = []  # (metric, target, measured, verdict)
 
 # ------------------------------------------------------------------ machine
 
+def page_reporting_rows(meta):
+    """The guest's free page reporting (a VM's balloon), when it has one: see benches/README.md."""
+    order = meta.get("page_reporting_order")
+    if not order:
+        return []
+    start, end = meta.get("reported_kib_start", ""), meta.get("reported_kib_end", "")
+    # With RESULTS_DIR, the last invocation's.
+    given = f"{(int(end) - int(start)) / 1048576:.1f} GiB" if start and end else "?"
+    state = "off during the run" if var("PAGE_REPORTING") == "off" else f"on (order {order})"
+    return [("free page reporting to the VM host", f"{state}; reported during the run: {given}")]
+
+
 md.append(f"# blobstage benchmark suite, {meta.get('started', '?')}")
 if "; " in meta.get("started", ""):
     md.append("")
@@ -143,6 +155,7 @@ md.append("|---|---|")
 for k, v in [("nproc", nproc), ("CPU model", cpu), ("SHA-NI", sha), ("memory", meta.get("mem")),
              ("kernel", kernel), ("OS", meta.get("os")), ("work dir file system", meta.get("fstype")),
              ("repo commit", f"{meta.get('commit')} ({meta.get('dirty', '?')} tracked files modified in the work tree)"),
+             *page_reporting_rows(meta),
              ("load average (1, 5, 15 min) at start", meta.get("load_start")),
              *[(f"load average before part {p}", meta.get(f"load_part{p}")) for p in "12345" if meta.get(f"load_part{p}")],
              ("load average at end", meta.get("load_end")),

@@ -153,8 +153,10 @@ impl CredentialCache {
     /// The handle for one artifact and intent. Handles for the same pair share one credential.
     pub fn scoped(self: &Arc<Self>, id: &ArtifactId, intent: Intent) -> Credentials {
         let mut slots = self.slots.lock().expect("never poisoned");
-        // Slots no transfer holds and whose credential has expired are forgotten.
-        slots.retain(|_, slot| Arc::strong_count(slot) > 1 || !slot.expired());
+        // Slots no transfer holds are forgotten once their credential has expired, or at once
+        // when it names no expiry (nothing says how long it is meant to be used): a node that
+        // pulls many artifacts keeps only the credentials that are still useful.
+        slots.retain(|_, slot| Arc::strong_count(slot) > 1 || slot.keep());
         let slot = slots
             .entry((id.clone(), intent))
             .or_insert_with(|| {
@@ -220,10 +222,14 @@ impl Held {
 }
 
 impl Slot {
-    fn expired(&self) -> bool {
+    /// Whether the credential held is worth keeping for a later transfer: it expires, and not
+    /// soon. A slot being filled is kept.
+    fn keep(&self) -> bool {
         match self.held.try_lock() {
-            Ok(held) => held.as_ref().is_none_or(|h| h.due(SystemTime::now())),
-            Err(_) => false,
+            Ok(held) => held.as_ref().is_some_and(|h| {
+                h.credential.expires_at().is_some() && !h.due(SystemTime::now())
+            }),
+            Err(_) => true,
         }
     }
 
@@ -396,7 +402,8 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 Ok(Credential::Bearer {
                     token: format!("token-{n}"),
-                    expires_at: Some(SystemTime::now() + lifetime),
+                    // Duration::MAX: a credential that names no expiry.
+                    expires_at: SystemTime::now().checked_add(lifetime),
                 })
             })
         }
@@ -482,6 +489,40 @@ mod tests {
         assert_eq!(expired.code(), "control_plane_unavailable");
         cp.down.store(false, Ordering::SeqCst);
         assert_eq!(token(&creds.current().await.unwrap()), "token-1");
+    }
+
+    /// Pulls `count` artifacts one after the other, each with its own credential.
+    async fn pull_each(cache: &Arc<CredentialCache>, count: usize) {
+        for n in 0..count {
+            let id = ArtifactId::new(format!("team/x@{n}")).unwrap();
+            let creds = cache.scoped(&id, Intent::Pull);
+            assert_eq!(token(&creds.current().await.unwrap()), format!("token-{n}"));
+        }
+    }
+
+    fn slots(cache: &CredentialCache) -> usize {
+        cache.slots.lock().unwrap().len()
+    }
+
+    #[tokio::test]
+    async fn credentials_without_an_expiry_are_not_kept_between_transfers() {
+        let cp = Counting::new(Duration::MAX);
+        let cache = Arc::new(CredentialCache::new(cp.clone(), "node"));
+        pull_each(&cache, 50).await;
+        // Only the last one, which the next call forgets.
+        assert_eq!(slots(&cache), 1);
+        let again = cache.scoped(&ArtifactId::new("team/x@0").unwrap(), Intent::Pull);
+        assert_eq!(token(&again.current().await.unwrap()), "token-50");
+        assert_eq!(slots(&cache), 1);
+
+        // Expiring ones are kept until they are due, and a later transfer takes them.
+        let cp = Counting::new(Duration::from_secs(3600));
+        let cache = Arc::new(CredentialCache::new(cp.clone(), "node"));
+        pull_each(&cache, 50).await;
+        assert_eq!(slots(&cache), 50);
+        let again = cache.scoped(&ArtifactId::new("team/x@0").unwrap(), Intent::Pull);
+        assert_eq!(token(&again.current().await.unwrap()), "token-0");
+        assert_eq!(cp.issued.load(Ordering::SeqCst), 50);
     }
 
     #[tokio::test]

@@ -226,9 +226,9 @@ impl Slot {
     /// soon. A slot being filled is kept.
     fn keep(&self) -> bool {
         match self.held.try_lock() {
-            Ok(held) => held.as_ref().is_some_and(|h| {
-                h.credential.expires_at().is_some() && !h.due(SystemTime::now())
-            }),
+            Ok(held) => held
+                .as_ref()
+                .is_some_and(|h| h.credential.expires_at().is_some() && !h.due(SystemTime::now())),
             Err(_) => true,
         }
     }

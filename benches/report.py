@@ -67,10 +67,10 @@ for r in read_tsv("raw.tsv"):
                         cpu=float("nan"), user=float("nan"), sys=float("nan"), rss=float("nan"),
                         ok=False))
 
-# phases.tsv: part param run transfer_ms hash_tail_ms publish_ms read_back
+# phases.tsv: part param run transfer_ms hash_tail_ms publish_ms read_back [connections]
 phases = []
 for r in read_tsv("phases.tsv"):
-    r = r + [""] * (7 - len(r))
+    r = r + [""] * (8 - len(r))
 
     def num(x):
         try:
@@ -79,7 +79,8 @@ for r in read_tsv("phases.tsv"):
             return float("nan")
 
     phases.append(dict(part=r[0], param=r[1], run=int(r[2]), transfer=num(r[3]) / 1000,
-                       tail=num(r[4]) / 1000, publish=num(r[5]) / 1000, read_back=num(r[6])))
+                       tail=num(r[4]) / 1000, publish=num(r[5]) / 1000, read_back=num(r[6]),
+                       connections=num(r[7])))
 
 
 def med(xs):
@@ -290,6 +291,22 @@ if p2:
                     worst = (frac, n)
         md.append(line)
     md.append("")
+    auto = rows("2", "blobstage", "auto")
+    auto_point = None
+    if auto:
+        start = int(var("CONNECTIONS_PER_BLOB", "8"))
+        w, lo, hi = stat(auto, "wall")
+        mbps = size2 / w / 1e6
+        ended = [p["connections"] for p in phases if p["part"] == "2" and p["param"] == "auto"]
+        ended_text = ", ".join(f"{c:.0f}" for c in ended if c == c) or "?"
+        end_med = med(ended)
+        auto_point = (end_med, mbps, size2 / hi / 1e6, size2 / lo / 1e6)
+        md.append(f"blobstage with its defaults (starts at {start} connections and adds more while "
+                  f"they pay off, up to `max_connections_per_blob`): **{f(mbps, 1)} MB/s** "
+                  f"({f(size2 / hi / 1e6, 0)}–{f(size2 / lo / 1e6, 0)}), {f(mbps / (start * cap))} × "
+                  f"its starting {start} × cap; connections at the end, per run: {ended_text} "
+                  f"(the whole transfer, growth included, is timed).")
+        md.append("")
     if worst:
         headline.append((f"capped origin: blobstage throughput / (N × {cap:.1f} MB/s), worst N while N × cap ≤ bound (part 2)",
                          f"≥ {CAP_TARGET}", f"{f(worst[0])} at N={worst[1]}", verdict(worst[0] >= CAP_TARGET)))
@@ -305,6 +322,10 @@ if p2:
         n_, y, lo, hi = zip(*pts)
         ax.errorbar(n_, y, yerr=[[a - b for a, b in zip(y, lo)], [b - a for a, b in zip(y, hi)]],
                     marker=markers.get(t, "o"), capsize=3, label=f"{t} (median, min–max)")
+    if auto_point and auto_point[0] == auto_point[0]:
+        n_, y, lo, hi = auto_point
+        ax.errorbar([n_], [y], yerr=[[y - lo], [hi - y]], marker="*", ms=12, capsize=3, ls="none",
+                    label="blobstage, defaults (x = connections at the end)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
     ax.set_xticks(xs)

@@ -22,6 +22,7 @@
 #   PEER_STREAMS=16     connections of the peers in part 1
 #   CAP_MIBPS=16        part 2 per-connection cap (MiB/s)   CAP_SIZE_MIB=512   part 2 blob
 #   CAP_CONNS="1 2 4 8 16 32"    CAP_TOOLS="blobstage aria2c rclone"   CAP_RUNS=$RUNS
+#   CAP_AUTO=1          also blobstage with its default connections, grown as they pay off
 #   SCALE_SIZES_MIB="256 1024 2048 4096 8192"   SCALE_RUNS=2
 #   SMALL_COUNT=1000  SMALL_KIB=1024  SMALL_CLIENTS=16  SMALL_RUNS=3  SMALL_MAX_TRANSFERS=16
 #   RESUME_SIZE_MIB=2048  RESUME_RUNS=3
@@ -51,6 +52,7 @@ CAP_SIZE_MIB=${CAP_SIZE_MIB:-$d_cap_size}
 CAP_CONNS=${CAP_CONNS:-1 2 4 8 16 32}
 CAP_TOOLS=${CAP_TOOLS:-blobstage aria2c rclone}
 CAP_RUNS=${CAP_RUNS:-$RUNS}
+CAP_AUTO=${CAP_AUTO:-1}
 SCALE_SIZES_MIB=${SCALE_SIZES_MIB:-$d_scale}
 SCALE_RUNS=${SCALE_RUNS:-$d_scale_runs}
 SMALL_COUNT=${SMALL_COUNT:-$d_small}
@@ -264,7 +266,7 @@ run_tool() {
         # The per-phase timings of its "staged" log line, and the check of the published
         # file on the first run (outside the timing).
         local f phases=""
-        for f in transfer_ms hash_tail_ms publish_ms read_back; do
+        for f in transfer_ms hash_tail_ms publish_ms read_back connections; do
             phases+=$'\t'$(grep -o "$f=[0-9]*" "$WORK/last.err" | tail -n 1 | cut -d= -f2)
         done
         printf '%s\t%s\t%s%s\n' "$part" "$param" "$run" "$phases" >>"$OUT/phases.tsv"
@@ -343,7 +345,9 @@ part2() {
     for tool in $CAP_TOOLS; do tools+=("$tool"); done
     for ((run = 1; run <= CAP_RUNS; run++)); do
         for n in $CAP_CONNS; do
-            write_cfg "$WORK/p2.toml" "$n" "$(url_of capped/cap.bin)" "$((CAP_SIZE_MIB << 20))" "$hex"
+            # N connections throughout: adding connections is measured on its own below.
+            write_cfg "$WORK/p2.toml" "$n" "$(url_of capped/cap.bin)" "$((CAP_SIZE_MIB << 20))" "$hex" \
+                "max_connections_per_blob = $n"
             for tool in $(rotated "$run" "${tools[@]}"); do
                 if [[ $tool == aria2c ]] && ((n > 16)); then
                     continue # aria2c refuses -x above 16
@@ -351,6 +355,11 @@ part2() {
                 run_tool 2 "$tool" "$n" "$run" "$n" capped/cap.bin "$hex" "$WORK/p2.toml"
             done
         done
+        if [[ $CAP_AUTO == 1 ]]; then
+            # The defaults: CONNECTIONS_PER_BLOB to start with, grown while that pays.
+            write_cfg "$WORK/p2.toml" "$CONNECTIONS_PER_BLOB" "$(url_of capped/cap.bin)" "$((CAP_SIZE_MIB << 20))" "$hex"
+            run_tool 2 blobstage auto "$run" "$CONNECTIONS_PER_BLOB" capped/cap.bin "$hex" "$WORK/p2.toml"
+        fi
     done
     rm -f "$WORK/www/cap.bin"
 }
@@ -508,7 +517,7 @@ main() {
     page_reporting
     meta versions "$(curl --version | head -n 1 | cut -d' ' -f1-2); $(openssl version); $(aria2c --version | head -n 1); $(rclone version | head -n 1); hf_transfer $("$PY" -c 'import importlib.metadata as m; print(m.version("hf_transfer"))'); $("$NGINX_BIN" -v 2>&1 | cut -d' ' -f3)"
     for v in QUICK PARTS RUNS SIZE_MIB PEERS PEER_STREAMS CAP_MIBPS CAP_SIZE_MIB CAP_CONNS CAP_TOOLS \
-        CAP_RUNS SCALE_SIZES_MIB SCALE_RUNS SMALL_COUNT SMALL_KIB SMALL_CLIENTS SMALL_RUNS \
+        CAP_RUNS CAP_AUTO SCALE_SIZES_MIB SCALE_RUNS SMALL_COUNT SMALL_KIB SMALL_CLIENTS SMALL_RUNS \
         SMALL_MAX_TRANSFERS RESUME_SIZE_MIB RESUME_RUNS CHUNK_MIB CONNECTIONS_PER_BLOB MAX_CONNECTIONS \
         PAGE_REPORTING; do
         meta "var_$v" "${!v}"

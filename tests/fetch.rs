@@ -128,7 +128,9 @@ fn assert_ranges_tile(mut spans: Vec<(u64, u64)>, size: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ranges_are_fetched_in_parallel_up_to_connections_per_blob() {
-    let (setup, origin) = (Setup::new(), Origin::start().await);
+    let (mut setup, origin) = (Setup::new(), Origin::start().await);
+    // A slow test machine could make the transfer long enough to add connections.
+    setup.env("BLOBSTAGE_TRANSFER_MAX_CONNECTIONS_PER_BLOB", "4");
     let front = Front::start(origin.addr(), held(Duration::from_millis(50))).await;
     let body = pseudo_random(MULTI_RANGE_SIZE, 2);
     origin.put("/blob", body.clone());
@@ -139,6 +141,51 @@ async fn ranges_are_fetched_in_parallel_up_to_connections_per_blob() {
     assert_published(&setup, &run, &body);
     assert_staged_event(&run, "t/parallel@1", &body);
     assert_eq!(front.max_concurrent(), 4, "connections_per_blob = 4");
+}
+
+/// Pulls `size` bytes through `fault` with 1 MiB ranges over 2 connections, which may grow
+/// to 8; returns the `fetch --json` line and the most requests the origin had at once.
+async fn paced_pull(fault: Fault, size: usize) -> (Value, usize) {
+    let (mut setup, origin) = (Setup::new(), Origin::start().await);
+    setup.env("BLOBSTAGE_TRANSFER_CHUNK_SIZE", "1MiB");
+    setup.env("BLOBSTAGE_TRANSFER_CONNECTIONS_PER_BLOB", "2");
+    let body = pseudo_random(size, 40);
+    origin.put("/blob", body.clone());
+    origin.set_fault("/blob", fault);
+    setup.register(&[artifact("t/paced@1", &origin.url("/blob"), &body)]);
+
+    let run = setup.fetch_with(&["--json", "t/paced@1"]).await;
+
+    let line = parse_json_line(&run);
+    let published = fs::read(setup.blob_path(&sha256_hex(&body))).expect("the blob");
+    assert!(published == body, "the published blob differs");
+    (line, origin.max_concurrent())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_added_while_each_one_adds_throughput() {
+    // 2 MiB/s a connection, as an object store caps each: every level up pays off.
+    let capped = Fault::Paced {
+        per_request: Some(2 << 20),
+        total: None,
+    };
+    let (line, most) = paced_pull(capped, 64 << 20).await;
+
+    assert_eq!(line["connections"], 8, "{line}");
+    assert_eq!(most, 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_add_nothing_are_given_up() {
+    // 4 MiB/s for all connections together, as a full link: a third connection adds nothing.
+    let link = Fault::Paced {
+        per_request: None,
+        total: Some(4 << 20),
+    };
+    let (line, most) = paced_pull(link, 24 << 20).await;
+
+    assert_eq!(line["connections"], 2, "{line}");
+    assert_eq!(most, 3, "one level tried");
 }
 
 /// A front that holds every request for `delay`, so parallel requests overlap visibly.
@@ -636,6 +683,7 @@ fn parse_json_line(run: &Run) -> Value {
         "bytes_transferred",
         "bytes_resumed",
         "bytes_read_back",
+        "connections",
         "seconds",
         "outcome",
     ];
@@ -693,6 +741,7 @@ async fn an_environment_override_limits_connections_per_blob() {
     origin.put("/blob", body.clone());
     setup.register(&[artifact("t/env@1", &front.url("/blob"), &body)]);
     setup.env("BLOBSTAGE_TRANSFER_CONNECTIONS_PER_BLOB", "1");
+    setup.env("BLOBSTAGE_TRANSFER_MAX_CONNECTIONS_PER_BLOB", "1");
 
     let run = setup.fetch("t/env@1").await;
 

@@ -504,6 +504,7 @@ fn print_staged(staged: &Staged, json: bool) {
             "bytes_transferred": staged.bytes_transferred,
             "bytes_resumed": staged.bytes_resumed,
             "bytes_read_back": staged.bytes_read_back,
+            "connections": staged.connections,
             "seconds": staged.elapsed.as_secs_f64(),
             "outcome": outcome,
         });

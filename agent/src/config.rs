@@ -155,9 +155,14 @@ pub struct TransferConfig {
     /// Size of one ranged request.
     #[serde(default = "defaults::chunk_size")]
     pub chunk_size: ByteSize,
-    /// Ranged requests in flight for one blob.
+    /// Ranged requests in flight for one blob, at the start of its transfer.
     #[serde(default = "defaults::connections_per_blob")]
     pub connections_per_blob: usize,
+    /// How far a transfer may add connections while that raises its throughput (an origin
+    /// that caps each connection); [4 × connections_per_blob, at most 64 and at most
+    /// max_connections]. Equal to `connections_per_blob`, it never adds any.
+    #[serde(default)]
+    pub max_connections_per_blob: Option<usize>,
     /// Ranged requests in flight for all blobs together.
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
@@ -431,6 +436,15 @@ impl Config {
             return invalid(
                 "transfer.max_connections must be at least connections_per_blob".into(),
             );
+        }
+        if let Some(most) = t.max_connections_per_blob
+            && !(t.connections_per_blob..=t.max_connections.min(64)).contains(&most)
+        {
+            return invalid(format!(
+                "transfer.max_connections_per_blob must be between connections_per_blob ({}) and \
+                 max_connections ({}, at most 64), not {most}",
+                t.connections_per_blob, t.max_connections
+            ));
         }
         let s = &self.store;
         if s.high_watermark.is_some() && s.low_watermark.is_none()
@@ -797,11 +811,24 @@ impl Default for ControlPlaneConfig {
     }
 }
 
+impl TransferConfig {
+    /// The most connections one transfer may grow to (see `max_connections_per_blob`).
+    pub fn connections_ceiling(&self) -> usize {
+        self.max_connections_per_blob.unwrap_or_else(|| {
+            (self.connections_per_blob * 4)
+                .min(64)
+                .min(self.max_connections)
+                .max(self.connections_per_blob)
+        })
+    }
+}
+
 impl Default for TransferConfig {
     fn default() -> Self {
         TransferConfig {
             chunk_size: defaults::chunk_size(),
             connections_per_blob: defaults::connections_per_blob(),
+            max_connections_per_blob: None,
             max_connections: defaults::max_connections(),
             read_timeout: defaults::read_timeout(),
             connect_timeout: defaults::connect_timeout(),
@@ -839,6 +866,7 @@ mod tests {
         assert_eq!(c.transfer.chunk_size, ByteSize(16 << 20));
         assert_eq!(c.transfer.connections_per_blob, 8);
         assert_eq!(c.transfer.max_connections, 32);
+        assert_eq!(c.transfer.connections_ceiling(), 32);
         assert_eq!(c.api.metrics_listen.to_string(), "127.0.0.1:9464");
         assert_eq!(c.registry_path(), Path::new("/etc/blobstage/registry.json"));
         assert_eq!(
@@ -925,11 +953,26 @@ mod tests {
     }
 
     #[test]
+    fn a_transfer_may_grow_to_four_times_its_connections_within_the_budget() {
+        let ceiling = |text: &str| load(text, &[]).unwrap().transfer.connections_ceiling();
+        assert_eq!(ceiling("[transfer]\nconnections_per_blob = 3"), 12);
+        assert_eq!(ceiling("[transfer]\nconnections_per_blob = 20"), 32);
+        let wide = "[transfer]\nconnections_per_blob = 20\nmax_connections = 100";
+        assert_eq!(ceiling(wide), 64);
+        let all = "[transfer]\nconnections_per_blob = 32";
+        assert_eq!(ceiling(all), 32);
+        let fixed = "[transfer]\nconnections_per_blob = 4\nmax_connections_per_blob = 4";
+        assert_eq!(ceiling(fixed), 4);
+    }
+
+    #[test]
     fn out_of_range_settings_are_refused() {
         for bad in [
             "[transfer]\nchunk_size = '1KiB'",
             "[transfer]\nconnections_per_blob = 0",
             "[transfer]\nconnections_per_blob = 16\nmax_connections = 8",
+            "[transfer]\nconnections_per_blob = 8\nmax_connections_per_blob = 4",
+            "[transfer]\nmax_connections_per_blob = 33",
             "[transfer]\nread_timeout = 'soon'",
             "[transfer]\nchunk_size = '16 parsecs'",
             "[[policy.allow]]\nsource_type = 'https'\nhost = 'a.*.com'",

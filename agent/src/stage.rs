@@ -47,6 +47,9 @@ pub struct Staged {
     /// Bytes read back from the ingest file to hash them (never the already hashed prefix of
     /// an earlier run).
     pub bytes_read_back: u64,
+    /// Connections the transfer ended with (it may add some to `connections_per_blob`); 0
+    /// when nothing was transferred.
+    pub connections: usize,
     pub outcome: Outcome,
     pub elapsed: Duration,
 }
@@ -601,6 +604,7 @@ impl Stager {
             bytes = transferred.bytes_received,
             read_back = transferred.bytes_read_back,
             resumed = transferred.bytes_resumed,
+            connections = transferred.connections,
             transfer_ms = transferred_at.as_millis(),
             hash_tail_ms = transferred.hash_tail.as_millis(),
             publish_ms = (started.elapsed() - transferred_at).as_millis(),
@@ -613,6 +617,7 @@ impl Stager {
             bytes_transferred: transferred.bytes_received,
             bytes_resumed: transferred.bytes_resumed,
             bytes_read_back: transferred.bytes_read_back,
+            connections: transferred.connections,
             outcome: Outcome::Staged,
             elapsed: started.elapsed(),
         })
@@ -628,6 +633,7 @@ fn already_present(path: PathBuf, digest: Digest, size: u64, started: Instant) -
         bytes_transferred: 0,
         bytes_resumed: 0,
         bytes_read_back: 0,
+        connections: 0,
         outcome: Outcome::AlreadyPresent,
         elapsed: started.elapsed(),
     }

@@ -3,7 +3,8 @@
 //! # Design
 //!
 //! The object is cut into ranges of `chunk_size`, finer towards its end ([`plan`]). Up to
-//! `connections` workers take the next unclaimed range, stream it, and write it at its offset
+//! `connections` workers (more while more raise the throughput: [`adapt`]; fewer workers
+//! leave before their next range) take the next unclaimed range, stream it, and write it at its offset
 //! with one vectored `pwrite` per block of at most [`WRITE_BLOCK`], so memory is a block per
 //! connection plus the hasher's window, never a range.
 //! After each block is written, the ordered hasher ([`crate::digest`]) hears of it; hashing thus
@@ -25,7 +26,8 @@
 //! cover and hashes on from the checkpoint, reading back from the file only the bytes written
 //! after it. A kill therefore costs the bytes written since the last checkpoint (at most half
 //! of `connections × chunk_size`) and the blocks being filled (at most a quarter chunk per
-//! connection): less than `connections × chunk_size` in all, when the disk keeps up. The
+//! connection, and [`BLOCKS_BUDGET`] for all of them when the transfer may grow past 16):
+//! less than `connections × chunk_size` in all, when the disk keeps up. The
 //! disk is helped to keep up: writeback of what was written is started every
 //! [`WRITEBACK_EVERY`] bytes (`crate::writeback`), so a checkpoint's `fdatasync` waits only
 //! for the last few blocks instead of everything written since the one before.
@@ -66,10 +68,12 @@ use crate::errors::Chain;
 use crate::metrics::TransferMetrics;
 use crate::source::{ObjectInfo, Source, SourceError};
 
+pub mod adapt;
 pub mod journal;
 pub mod plan;
 pub mod retry;
 
+use adapt::Adapt;
 use journal::Journal;
 
 use plan::{Progress, RangePlan};
@@ -100,7 +104,10 @@ pub struct TransferSettings {
     pub chunk_size: u64,
     /// Bytes gathered before one `pwrite`.
     pub write_block: usize,
+    /// Connections at the start, and the range plan's.
     pub connections: usize,
+    /// Connections the transfer may grow to while they raise its throughput ([`adapt`]).
+    pub max_connections: usize,
     pub max_attempts: u32,
     pub hash_window: u64,
 }
@@ -119,12 +126,15 @@ impl TransferSettings {
 
 impl From<&TransferConfig> for TransferSettings {
     fn from(config: &TransferConfig) -> Self {
+        let ceiling = config.connections_ceiling();
         TransferSettings {
             chunk_size: config.chunk_size.0,
-            write_block: (BLOCKS_BUDGET / config.connections_per_blob.max(1))
+            // Sized for the most connections the transfer may grow to.
+            write_block: (BLOCKS_BUDGET / ceiling.max(1))
                 .clamp(MIN_WRITE_BLOCK, WRITE_BLOCK)
                 .min(usize::try_from(config.chunk_size.0 / 4).unwrap_or(WRITE_BLOCK)),
             connections: config.connections_per_blob,
+            max_connections: ceiling,
             max_attempts: config.max_attempts,
             hash_window: config.hash_window.0,
         }
@@ -147,6 +157,8 @@ pub struct Transferred {
     pub bytes_resumed: u64,
     /// Where hashing started: the checkpoint of an earlier run, or 0.
     pub hash_resumed_from: u64,
+    /// Connections the transfer ran at the end, after any growth ([`adapt`]).
+    pub connections: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -392,6 +404,13 @@ impl Transfer {
             digest::spawn(start, self.file.clone(), size, self.settings.hash_window);
         announce_on_disk(&feed, &progress, hash_resumed_from);
 
+        // A single stream is one range: nothing to grow.
+        let ceiling = match ranged {
+            true => self.settings.max_connections.min(ranges),
+            false => 1,
+        };
+        let floor = self.settings.connections.min(ranges);
+        let mut adapt = Adapt::new(floor, ceiling, Instant::now());
         let journal = self.journal.clone().filter(|_| ranged);
         let interval = (self.settings.chunk_size * self.settings.connections as u64 / 2).max(1);
         let worker = Arc::new(Worker {
@@ -415,16 +434,31 @@ impl Transfer {
             checkpoints: journal.map(|(path, template)| Checkpoints::new(path, template, interval)),
             unsubmitted: AtomicU64::new(0),
             lead: self.settings.hash_window
-                + self.settings.chunk_size * self.settings.connections as u64,
+                + self.settings.chunk_size * self.settings.max_connections as u64,
+            active: AtomicUsize::new(0),
+            level: AtomicUsize::new(adapt.level()),
         });
+        let received_before = self.received.load(Ordering::Relaxed);
         let mut workers = JoinSet::new();
-        for _ in 0..self.settings.connections.min(ranges) {
-            workers.spawn(worker.clone().run().in_current_span());
-        }
-        while let Some(joined) = workers.join_next().await {
+        worker.spawn_up_to(&mut workers, adapt.level());
+        loop {
+            let due = adapt.deadline();
+            let joined = tokio::select! {
+                joined = workers.join_next() => joined,
+                () = sleep_until(due) => {
+                    let received = self.received.load(Ordering::Relaxed) - received_before;
+                    let level = adapt.tick(Instant::now(), received);
+                    if level != worker.level.swap(level, Ordering::AcqRel) {
+                        debug!(connections = level, "connections changed");
+                        worker.spawn_up_to(&mut workers, level);
+                    }
+                    continue;
+                }
+            };
             match joined {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
+                None => break,
+                Some(Ok(Ok(()))) => {}
+                Some(Ok(Err(e))) => {
                     workers.abort_all();
                     while workers.join_next().await.is_some() {}
                     if let Err(checkpoint) = worker.checkpoint(true).await {
@@ -432,7 +466,7 @@ impl Transfer {
                     }
                     return Err(e);
                 }
-                Err(e) => std::panic::resume_unwind(e.into_panic()),
+                Some(Err(e)) => std::panic::resume_unwind(e.into_panic()),
             }
         }
         drop(worker);
@@ -452,7 +486,16 @@ impl Transfer {
             hash_tail: written.elapsed(),
             bytes_resumed: resumed,
             hash_resumed_from,
+            connections: adapt.level(),
         })
+    }
+}
+
+/// Waits until `at`, or for ever.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -531,13 +574,50 @@ struct Worker {
     /// the hash window and every range in flight, so that a hasher keeping up never holds
     /// anyone back.
     lead: u64,
+    /// Workers running.
+    active: AtomicUsize,
+    /// Workers wanted ([`adapt`]): above it, a worker leaves instead of claiming a range.
+    level: AtomicUsize,
 }
 
 impl Worker {
+    /// Starts workers until `level` run, or as many as there are ranges left to claim.
+    fn spawn_up_to(
+        self: &Arc<Self>,
+        workers: &mut JoinSet<Result<(), TransferError>>,
+        level: usize,
+    ) {
+        let unclaimed = self
+            .progress
+            .plan()
+            .len()
+            .saturating_sub(self.next.load(Ordering::Relaxed));
+        let running = self.active.load(Ordering::Acquire);
+        for _ in running..level.min(running + unclaimed) {
+            self.active.fetch_add(1, Ordering::AcqRel);
+            workers.spawn(self.clone().run().in_current_span());
+        }
+    }
+
+    /// Whether this worker should stop before its next range: more are running than wanted.
+    /// Counts it out if so.
+    fn leave(&self) -> bool {
+        let wanted = self.level.load(Ordering::Acquire);
+        self.active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n > wanted).then(|| n - 1)
+            })
+            .is_ok()
+    }
+
     async fn run(self: Arc<Self>) -> Result<(), TransferError> {
         loop {
+            if self.leave() {
+                return Ok(());
+            }
             let index = self.next.fetch_add(1, Ordering::Relaxed);
             if index >= self.progress.plan().len() {
+                self.active.fetch_sub(1, Ordering::AcqRel);
                 return Ok(());
             }
             tokio::select! {

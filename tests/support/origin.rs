@@ -33,7 +33,7 @@ use rcgen::{
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -75,6 +75,12 @@ pub enum Fault {
     /// 206 answers are sent chunked (no `Content-Length`), with `extra` bytes past the range
     /// they announce in `Content-Range`.
     Overlong { extra: u64 },
+    /// Bodies are sent at most `per_request` bytes a second each (an object store's cap per
+    /// connection) and at most `total` bytes a second all together (a link's).
+    Paced {
+        per_request: Option<u64>,
+        total: Option<u64>,
+    },
 }
 
 /// One request as received, with the status it was answered with.
@@ -154,7 +160,11 @@ impl Origin {
 
     /// Installs `fault` for `path`, replacing any earlier one and resetting its counters.
     pub fn set_fault(&self, path: &str, fault: Fault) {
-        let armed = Armed { fault, used: 0 };
+        let armed = Armed {
+            fault,
+            used: 0,
+            link: Arc::default(),
+        };
         self.state.lock().faults.insert(path.to_owned(), armed);
     }
 
@@ -289,6 +299,8 @@ struct Object {
 struct Armed {
     fault: Fault,
     used: usize,
+    /// `Paced { total }`: when the shared link is next free.
+    link: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Inner {
@@ -367,6 +379,13 @@ impl Inner {
             }
             Fault::StallFrom { offset, after } if is_get && range_start >= Some(offset) => {
                 quirks.stop = Some((Stop::Stall, after));
+            }
+            Fault::Paced { per_request, total } => {
+                quirks.pace = Some(Pace {
+                    per_request,
+                    total: total.map(|rate| (rate, armed.link.clone())),
+                    own: None,
+                });
             }
             _ => {}
         }
@@ -495,6 +514,37 @@ struct Quirks {
     no_validator: bool,
     stop: Option<(Stop, u64)>,
     overlong: Option<u64>,
+    pace: Option<Pace>,
+}
+
+/// How fast a body may go: its own rate, and a rate shared with other bodies.
+#[derive(Clone, Default)]
+struct Pace {
+    per_request: Option<u64>,
+    total: Option<(u64, Arc<Mutex<Option<Instant>>>)>,
+    /// When this body may send its next frame.
+    own: Option<Instant>,
+}
+
+impl Pace {
+    /// When a frame of `len` bytes may go: once its time on this body's schedule and on the
+    /// shared one has passed (booked now).
+    fn book(&mut self, len: u64, now: Instant) -> Instant {
+        let span = |rate: u64| Duration::from_secs_f64(len as f64 / rate as f64);
+        let mut at = now;
+        if let Some(rate) = self.per_request {
+            let done = self.own.unwrap_or(now).max(now) + span(rate);
+            self.own = Some(done);
+            at = at.max(done);
+        }
+        if let Some((rate, link)) = &self.total {
+            let mut next = link.lock().unwrap_or_else(PoisonError::into_inner);
+            let done = next.unwrap_or(now).max(now) + span(*rate);
+            *next = Some(done);
+            at = at.max(done);
+        }
+        at
+    }
 }
 
 fn serve_object(object: &Object, ask: &Logged, quirks: &Quirks) -> Reply {
@@ -518,7 +568,8 @@ fn serve_object(object: &Object, ask: &Logged, quirks: &Quirks) -> Reply {
         }
         Wanted::Whole => Reply::bytes(200, object.body.clone()),
     };
-    let reply = with_representation_headers(reply, object, quirks.no_validator);
+    let mut reply = with_representation_headers(reply, object, quirks.no_validator);
+    reply.pace = quirks.pace.clone();
     match quirks.stop {
         Some(stop) if reply.status < 300 => reply.stopping(stop),
         _ => reply,
@@ -647,6 +698,7 @@ struct Reply {
     stop: Option<Stop>,
     /// Sent without `Content-Length`.
     chunked: bool,
+    pace: Option<Pace>,
 }
 
 impl Reply {
@@ -663,6 +715,7 @@ impl Reply {
             declared,
             stop: None,
             chunked: false,
+            pace: None,
         }
     }
 
@@ -738,6 +791,9 @@ struct Payload {
     grace: Option<Pin<Box<Sleep>>>,
     tally: Tally,
     chunked: bool,
+    pace: Option<Pace>,
+    /// The wait before the next frame, when paced.
+    paced: Option<Pin<Box<Sleep>>>,
 }
 
 impl Payload {
@@ -754,6 +810,8 @@ impl Payload {
             grace: None,
             tally,
             chunked: reply.chunked,
+            pace: reply.pace.clone(),
+            paced: None,
         }
     }
 
@@ -787,6 +845,14 @@ impl Body for Payload {
     ) -> Poll<Option<io::Result<Frame<Bytes>>>> {
         let this = self.get_mut();
         if !this.data.is_empty() {
+            if let Some(pace) = &mut this.pace {
+                let wait = this.paced.get_or_insert_with(|| {
+                    let len = this.data.len().min(FRAME) as u64;
+                    Box::pin(tokio::time::sleep_until(pace.book(len, Instant::now())))
+                });
+                ready!(wait.as_mut().poll(cx));
+                this.paced = None;
+            }
             return Poll::Ready(Some(Ok(this.next_frame())));
         }
         match this.stop {

@@ -133,7 +133,11 @@ def page_reporting_rows(meta):
     # With RESULTS_DIR, the last invocation's.
     given = f"{(int(end) - int(start)) / 1048576:.1f} GiB" if start and end else "?"
     state = "off during the run" if var("PAGE_REPORTING") == "off" else f"on (order {order})"
-    return [("free page reporting to the VM host", f"{state}; reported during the run: {given}")]
+    rows_ = [("free page reporting to the VM host", f"{state}; reported during the run: {given}")]
+    if meta.get("touched_mib"):
+        rows_.append(("free memory touched once before the runs",
+                      f"{int(meta['touched_mib']) / 1024:.1f} GiB in {meta.get('touch_s', '?')} s"))
+    return rows_
 
 
 md.append(f"# blobstage benchmark suite, {meta.get('started', '?')}")
@@ -295,17 +299,25 @@ if p2:
     auto_point = None
     if auto:
         start = int(var("CONNECTIONS_PER_BLOB", "8"))
+        size_auto = int(var("CAP_AUTO_SIZE_MIB", var("CAP_SIZE_MIB"))) * MIB
         w, lo, hi = stat(auto, "wall")
-        mbps = size2 / w / 1e6
+        mbps = size_auto / w / 1e6
         ended = [p["connections"] for p in phases if p["part"] == "2" and p["param"] == "auto"]
         ended_text = ", ".join(f"{c:.0f}" for c in ended if c == c) or "?"
         end_med = med(ended)
-        auto_point = (end_med, mbps, size2 / hi / 1e6, size2 / lo / 1e6)
+        auto_point = (end_med, mbps, size_auto / hi / 1e6, size_auto / lo / 1e6)
+        fixed = dict((n, y) for n, y, _, _ in series.get("blobstage", []))
+        against = ""
+        if end_med == end_med and int(end_med) in fixed:
+            against = (f", {f(mbps / fixed[int(end_med)])} × the fixed {int(end_med)} connections' "
+                       f"{f(fixed[int(end_med)], 0)} MB/s")
         md.append(f"blobstage with its defaults (starts at {start} connections and adds more while "
-                  f"they pay off, up to `max_connections_per_blob`): **{f(mbps, 1)} MB/s** "
-                  f"({f(size2 / hi / 1e6, 0)}–{f(size2 / lo / 1e6, 0)}), {f(mbps / (start * cap))} × "
-                  f"its starting {start} × cap; connections at the end, per run: {ended_text} "
-                  f"(the whole transfer, growth included, is timed).")
+                  f"they pay off, up to `max_connections_per_blob`), {size_auto // MIB} MiB blob: "
+                  f"**{f(mbps, 1)} MB/s** ({f(size_auto / hi / 1e6, 0)}–{f(size_auto / lo / 1e6, 0)}) "
+                  f"over the whole transfer, {f(mbps / (start * cap))} × its starting {start} × cap"
+                  f"{against}; connections at the end, per run: {ended_text}. The time includes the "
+                  f"growth: {start} connections for the first 2 s, then one step (× 1.5) every 1.5 s "
+                  f"while each step pays.")
         md.append("")
     if worst:
         headline.append((f"capped origin: blobstage throughput / (N × {cap:.1f} MB/s), worst N while N × cap ≤ bound (part 2)",
@@ -325,7 +337,7 @@ if p2:
     if auto_point and auto_point[0] == auto_point[0]:
         n_, y, lo, hi = auto_point
         ax.errorbar([n_], [y], yerr=[[y - lo], [hi - y]], marker="*", ms=12, capsize=3, ls="none",
-                    label="blobstage, defaults (x = connections at the end)")
+                    label="blobstage, defaults: mean over the transfer (x = connections at the end)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
     ax.set_xticks(xs)

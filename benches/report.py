@@ -337,7 +337,8 @@ if p2:
     if auto_point and auto_point[0] == auto_point[0]:
         n_, y, lo, hi = auto_point
         ax.errorbar([n_], [y], yerr=[[y - lo], [hi - y]], marker="*", ms=12, capsize=3, ls="none",
-                    label="blobstage, defaults: mean over the transfer (x = connections at the end)")
+                    label=f"blobstage, defaults, {size_auto // MIB} MiB: mean over the transfer "
+                          "(x = connections at the end)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
     ax.set_xticks(xs)

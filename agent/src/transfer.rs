@@ -3,10 +3,11 @@
 //! # Design
 //!
 //! The object is cut into ranges of `chunk_size`, finer towards its end ([`plan`]). Up to
-//! `connections` workers (more while more raise the throughput: [`adapt`]; fewer workers
-//! leave before their next range) take the next unclaimed range, stream it, and write it at its offset
+//! `connections` workers take the next unclaimed range, stream it, and write it at its offset
 //! with one vectored `pwrite` per block of at most [`WRITE_BLOCK`], so memory is a block per
-//! connection plus the hasher's window, never a range.
+//! connection plus the hasher's window, never a range. The number of workers starts at
+//! `connections` and grows while more raise the throughput ([`adapt`]); a worker above the
+//! wanted number leaves before claiming its next range.
 //! After each block is written, the ordered hasher ([`crate::digest`]) hears of it; hashing thus
 //! overlaps the transfer and the digest is ready when the last block lands.
 //!
@@ -410,7 +411,7 @@ impl Transfer {
             false => 1,
         };
         let floor = self.settings.connections.min(ranges);
-        let mut adapt = Adapt::new(floor, ceiling, Instant::now());
+        let adapt = Adapt::new(floor, ceiling, Instant::now());
         let journal = self.journal.clone().filter(|_| ranged);
         let interval = (self.settings.chunk_size * self.settings.connections as u64 / 2).max(1);
         let worker = Arc::new(Worker {
@@ -438,37 +439,7 @@ impl Transfer {
             active: AtomicUsize::new(0),
             level: AtomicUsize::new(adapt.level()),
         });
-        let received_before = self.received.load(Ordering::Relaxed);
-        let mut workers = JoinSet::new();
-        worker.spawn_up_to(&mut workers, adapt.level());
-        loop {
-            let due = adapt.deadline();
-            let joined = tokio::select! {
-                joined = workers.join_next() => joined,
-                () = sleep_until(due) => {
-                    let received = self.received.load(Ordering::Relaxed) - received_before;
-                    let level = adapt.tick(Instant::now(), received);
-                    if level != worker.level.swap(level, Ordering::AcqRel) {
-                        debug!(connections = level, "connections changed");
-                        worker.spawn_up_to(&mut workers, level);
-                    }
-                    continue;
-                }
-            };
-            match joined {
-                None => break,
-                Some(Ok(Ok(()))) => {}
-                Some(Ok(Err(e))) => {
-                    workers.abort_all();
-                    while workers.join_next().await.is_some() {}
-                    if let Err(checkpoint) = worker.checkpoint(true).await {
-                        warn!(error = %Chain(&checkpoint), "cannot record progress for a later resume");
-                    }
-                    return Err(e);
-                }
-                Some(Err(e)) => std::panic::resume_unwind(e.into_panic()),
-            }
-        }
+        let connections = worker.drive(adapt).await?;
         drop(worker);
 
         let written = Instant::now();
@@ -486,7 +457,7 @@ impl Transfer {
             hash_tail: written.elapsed(),
             bytes_resumed: resumed,
             hash_resumed_from,
-            connections: adapt.level(),
+            connections,
         })
     }
 }
@@ -596,6 +567,42 @@ impl Worker {
         for _ in running..level.min(running + unclaimed) {
             self.active.fetch_add(1, Ordering::AcqRel);
             workers.spawn(self.clone().run().in_current_span());
+        }
+    }
+
+    /// Runs workers until every range is written, as many as `adapt` wants as it goes, and
+    /// returns how many it wanted at the end. On a failure, stops the others and records the
+    /// progress for a later resume.
+    async fn drive(self: &Arc<Self>, mut adapt: Adapt) -> Result<usize, TransferError> {
+        let received_before = self.received.load(Ordering::Relaxed);
+        let mut workers = JoinSet::new();
+        self.spawn_up_to(&mut workers, adapt.level());
+        loop {
+            let joined = tokio::select! {
+                joined = workers.join_next() => joined,
+                () = sleep_until(adapt.deadline()) => {
+                    let received = self.received.load(Ordering::Relaxed) - received_before;
+                    let level = adapt.tick(Instant::now(), received);
+                    if level != self.level.swap(level, Ordering::AcqRel) {
+                        debug!(connections = level, "connections changed");
+                        self.spawn_up_to(&mut workers, level);
+                    }
+                    continue;
+                }
+            };
+            match joined {
+                None => return Ok(adapt.level()),
+                Some(Ok(Ok(()))) => {}
+                Some(Ok(Err(e))) => {
+                    workers.abort_all();
+                    while workers.join_next().await.is_some() {}
+                    if let Err(checkpoint) = self.checkpoint(true).await {
+                        warn!(error = %Chain(&checkpoint), "cannot record progress for a later resume");
+                    }
+                    return Err(e);
+                }
+                Some(Err(e)) => std::panic::resume_unwind(e.into_panic()),
+            }
         }
     }
 

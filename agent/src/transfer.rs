@@ -58,7 +58,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use control_client::{Algorithm, Digest};
 use futures_util::StreamExt;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedMutexGuard, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, trace, warn};
@@ -489,14 +489,16 @@ struct Checkpoints {
     template: Journal,
     interval: u64,
     since: AtomicU64,
-    busy: tokio::sync::Mutex<()>,
+    /// Held by the checkpoint under way until its journal is written, including by the
+    /// blocking write of a worker aborted meanwhile.
+    busy: Arc<tokio::sync::Mutex<()>>,
     /// A checkpoint failed: warned about once, not once a checkpoint.
     failed: std::sync::atomic::AtomicBool,
 }
 
 impl Checkpoints {
     fn new(path: PathBuf, template: Journal, interval: u64) -> Self {
-        let busy = tokio::sync::Mutex::new(());
+        let busy = Arc::new(tokio::sync::Mutex::new(()));
         Checkpoints {
             path,
             template,
@@ -781,27 +783,35 @@ impl Worker {
         let Some(checkpoints) = &self.checkpoints else {
             return Ok(());
         };
-        let _one_at_a_time = match wait {
-            true => checkpoints.busy.lock().await,
-            false => match checkpoints.busy.try_lock() {
+        let busy = checkpoints.busy.clone();
+        let mut one_at_a_time = match wait {
+            true => busy.lock_owned().await,
+            false => match busy.try_lock_owned() {
                 Ok(guard) => guard,
                 Err(_) => return Ok(()),
             },
         };
         loop {
             checkpoints.covering();
-            self.write_checkpoint(checkpoints).await?;
+            one_at_a_time = self.write_checkpoint(checkpoints, one_at_a_time).await?;
             if wait || !checkpoints.due(0) {
                 return Ok(());
             }
         }
     }
 
-    async fn write_checkpoint(&self, checkpoints: &Checkpoints) -> std::io::Result<()> {
+    /// Writes one checkpoint. `busy` goes into the blocking write and comes back with it: a
+    /// worker aborted while it waits (another range failed) leaves the write running, and the
+    /// failed transfer's last checkpoint, or the discard of its ingest, must come after it.
+    async fn write_checkpoint(
+        &self,
+        checkpoints: &Checkpoints,
+        busy: OwnedMutexGuard<()>,
+    ) -> std::io::Result<OwnedMutexGuard<()>> {
         let hashed = self.feed.checkpoint();
         let written = self.progress.snapshot();
         if written.iter().all(|w| *w == 0) {
-            return Ok(());
+            return Ok(busy);
         }
         let journal = Journal {
             written,
@@ -812,7 +822,8 @@ impl Worker {
         let (file, path) = (self.file.clone(), checkpoints.path.clone());
         tokio::task::spawn_blocking(move || {
             file.sync_data()?;
-            journal.write(&path)
+            journal.write(&path)?;
+            Ok(busy)
         })
         .await
         .expect("checkpoint task panicked")
